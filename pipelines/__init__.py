@@ -1,0 +1,1 @@
+"""Thin Ray entry points (preprocess, train, evaluate, tune, predict)."""

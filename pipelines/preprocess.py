@@ -1,0 +1,100 @@
+"""Preprocessing job: EPIC-KITCHENS-100 (real or SynthKitchens) -> index and sample Parquet shards.
+
+    python pipelines/preprocess.py --epic-root DIR --annotations DIR --out OUT \
+        [--splits train,validation] [--stage index|samples|all] [--questions DIR] [--labels DIR]
+
+Runs on a local Ray started on demand, or unchanged on a cluster:
+``ray job submit --working-dir . -- python pipelines/preprocess.py ...``. Paths may be local or
+URIs (s3://...). Bad input is quarantined (OUT/quarantine) and counted (OUT/manifest.json); the
+exit code is 0 unless the configuration itself is wrong. Re-runs skip completed shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a bare checkout / job working_dir
+
+from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, init_ray, setup_logging  # noqa: E402
+from preprocessing import storage  # noqa: E402
+from preprocessing.epic import SPLIT_FILES  # noqa: E402
+from preprocessing.index import IndexConfig  # noqa: E402
+from preprocessing.samples import MediaConfig  # noqa: E402
+from preprocessing.stages import run_index_stage, run_samples_stage  # noqa: E402
+from preprocessing.window import FPS_CONVENTIONS  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--epic-root", help="EPIC-KITCHENS root holding PXX/videos/*.MP4 and/or PXX/rgb_frames/<vid>/")
+    p.add_argument("--annotations", help="directory with EPIC_100_{train,validation}.csv and EPIC_100_video_info.csv")
+    p.add_argument("--out", required=True, help="output root (local path or URI)")
+    p.add_argument("--splits", default="train,validation", help="comma-separated subset of " + ",".join(SPLIT_FILES))
+    p.add_argument("--stage", choices=("index", "samples", "all"), default="all")
+    p.add_argument("--questions", help="directory with ek100_questions.json, ek100_questions_val.json, rephrase_ek100.json")
+    p.add_argument("--labels", help="hoi-forecast data/ek100 directory (video_info.json, labels/label_<uid>.pkl "
+                                    "or labels/ek100_<split>_labels.npy)")
+    p.add_argument("--csv", action="append", default=[], metavar="SPLIT=FILE",
+                   help="use FILE as the narration CSV of SPLIT (repeatable)")
+    p.add_argument("--fps-convention", choices=FPS_CONVENTIONS, default="hoi60",
+                   help="hoi60 reproduces hoi-forecast/HandsOnVLM frame indices (needed to use their labels "
+                        "and questions); native uses 50 fps for extension videos")
+    p.add_argument("--frame-height", type=int, default=256,
+                   help="stored frame height (EPIC rgb_frames are 256); 0 keeps the decoded resolution")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--shard-size", type=int, default=256, help="max actions per sample shard")
+    p.add_argument("--unlabelled", choices=("skip", "keep"), default="skip",
+                   help="keep writes actions without a trajectory label too (future_valid all false)")
+    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--object-store-memory", type=int, default=DEFAULT_OBJECT_STORE_BYTES,
+                   help="bytes of the local Ray's object store")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    args.splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    unknown = [s for s in args.splits if s not in SPLIT_FILES]
+    if unknown:
+        p.error(f"unknown split(s) {unknown}; choose from {list(SPLIT_FILES)}")
+    overrides = {}
+    for item in args.csv:
+        split, _, path = item.partition("=")
+        if split not in SPLIT_FILES or not path:
+            p.error(f"--csv expects SPLIT=FILE with SPLIT in {list(SPLIT_FILES)}, got {item!r}")
+        overrides[split] = path
+    args.csv = overrides
+    if args.stage in ("index", "all") and not args.annotations:
+        p.error("--annotations is required for the index stage")
+    if args.stage in ("samples", "all") and not args.epic_root:
+        p.error("--epic-root is required for the samples stage")
+    for name in ("annotations", "epic_root", "questions", "labels"):
+        value = getattr(args, name)
+        if value and not storage.exists(value):
+            p.error(f"--{name.replace('_', '-')} {value} does not exist")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    report = {}
+    if args.stage in ("index", "all"):
+        cfg = IndexConfig(annotations=args.annotations, splits=args.splits, questions=args.questions,
+                          labels=args.labels, fps_convention=args.fps_convention, csv_overrides=args.csv)
+        report["index"] = run_index_stage(cfg, args.out)
+    if args.stage in ("samples", "all"):
+        init_ray(args.ray_address, args.num_cpus, args.object_store_memory)
+        media = MediaConfig(epic_root=args.epic_root, out=args.out, frame_height=args.frame_height,
+                            jpeg_quality=args.jpeg_quality)
+        report["samples"] = run_samples_stage(args.out, args.splits, media, args.shard_size, args.unlabelled,
+                                              progress=not args.no_progress)
+    print(json.dumps(report, indent=2, sort_keys=True))
+    print(f"manifest: {storage.join(args.out, 'manifest.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""EPIC-KITCHENS ingestion, the SynthKitchens synthetic dataset, and the Ray Data preprocessing stages."""

@@ -1,0 +1,203 @@
+"""Reading the EPIC-KITCHENS-100 annotation CSVs (narrations, video info) into validated tables.
+
+Bad rows never raise: they are returned in a :class:`~preprocessing.quarantine.Quarantine` with a
+reason, and every good row is kept. Column formats are described in ``epic_data_spec.md`` §2.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+
+import numpy as np
+import pandas as pd
+
+from preprocessing import storage
+from preprocessing.quarantine import Quarantine
+
+SPLIT_FILES = {
+    "train": "EPIC_100_train.csv",
+    "validation": "EPIC_100_validation.csv",
+    "test": "EPIC_100_test_timestamps.csv",
+}
+# hoi-forecast numbers EK-100 actions by row: train rows first, then validation, then test.
+# Used for the uid offset when an earlier split's CSV is not available.
+OFFICIAL_SPLIT_ROWS = {"train": 67217, "validation": 9668, "test": 13092}
+SPLIT_ORDER = ("train", "validation", "test")
+
+REQUIRED_COLUMNS = ("narration_id", "participant_id", "video_id", "start_timestamp", "stop_timestamp",
+                    "start_frame", "stop_frame")
+LABEL_COLUMNS = ("narration_timestamp", "narration", "verb", "verb_class", "noun", "noun_class",
+                 "all_nouns", "all_noun_classes")
+VIDEO_INFO_COLUMNS = ("video_id", "duration", "fps", "resolution")
+
+_TIMESTAMP = r"^\s*(\d+):(\d{1,2}):(\d{1,2}(?:\.\d+)?)\s*$"
+
+
+def parse_timestamps(values: pd.Series) -> np.ndarray:
+    """``HH:MM:SS.ss`` strings to seconds (float64); unparsable or empty entries become NaN."""
+    parts = values.astype("string").str.extract(_TIMESTAMP)
+    hours, minutes, seconds = (pd.to_numeric(parts[i], errors="coerce").to_numpy(np.float64) for i in range(3))
+    secs = hours * 3600.0 + minutes * 60.0 + seconds
+    secs[(minutes >= 60) | (seconds >= 60)] = np.nan
+    return secs
+
+
+def format_timestamp(seconds: float, decimals: int = 2) -> str:
+    """Seconds to EPIC's ``HH:MM:SS.ss`` (``decimals=3`` for narration timestamps)."""
+    total = round(float(seconds), decimals)
+    hours, rem = divmod(total, 3600.0)
+    minutes, secs = divmod(rem, 60.0)
+    return f"{int(hours):02d}:{int(minutes):02d}:{secs:0{3 + decimals}.{decimals}f}"
+
+
+def _parse_list_literal(text: str, item_type: type) -> list | None:
+    """``"['salt', 'pan']"`` -> ``['salt', 'pan']`` (ast.literal_eval: no code runs); None if invalid."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, item_type) for v in value):
+        return None
+    return list(value)
+
+
+def _read_csv_text(uri: str, quarantine: Quarantine, split: str | None) -> pd.DataFrame | None:
+    try:
+        text = storage.read_bytes(uri).decode("utf-8", errors="replace")
+        return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, skipinitialspace=False)
+    except Exception as exc:  # unreadable file: the whole file is one quarantine row
+        quarantine.add(uri, "bad_csv", f"cannot read CSV: {type(exc).__name__}: {exc}", split=split, source=uri)
+        return None
+
+
+def read_actions(uri: str, split: str, quarantine: Quarantine) -> tuple[pd.DataFrame, int]:
+    """Parse a narration CSV into one validated row per action.
+
+    Returns ``(actions, rows_read)``. ``actions`` has the columns ``narration_id, participant_id,
+    video_id, split, split_row, narration_timestamp_s, start_timestamp_s, stop_timestamp_s,
+    start_frame, stop_frame, narration, verb, verb_class, noun, noun_class, all_nouns,
+    all_noun_classes`` (label columns are null where the CSV has none, as in the test split).
+    ``split_row`` is the 0-based row in the file, the basis of hoi-forecast's uid.
+    """
+    df = _read_csv_text(uri, quarantine, split)
+    if df is None:
+        return _empty_actions(), 0
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        quarantine.add(uri, "bad_csv", f"missing required columns {missing}; has {list(df.columns)}",
+                       split=split, source=uri)
+        return _empty_actions(), len(df)
+    n = len(df)
+    out = pd.DataFrame({
+        "narration_id": df["narration_id"].str.strip(),
+        "participant_id": df["participant_id"].str.strip(),
+        "video_id": df["video_id"].str.strip(),
+        "split": split,
+        "split_row": np.arange(n, dtype=np.int32),
+        "start_timestamp_s": parse_timestamps(df["start_timestamp"]),
+        "stop_timestamp_s": parse_timestamps(df["stop_timestamp"]),
+        "start_frame": pd.to_numeric(df["start_frame"], errors="coerce"),
+        "stop_frame": pd.to_numeric(df["stop_frame"], errors="coerce"),
+    })
+    if "narration_timestamp" in df.columns:
+        out["narration_timestamp_s"] = parse_timestamps(df["narration_timestamp"])
+    else:
+        out["narration_timestamp_s"] = np.nan
+    for col in ("narration", "verb", "noun"):
+        out[col] = df[col].where(df[col] != "", None) if col in df.columns else None
+    for col in ("verb_class", "noun_class"):
+        out[col] = pd.to_numeric(df[col], errors="coerce") if col in df.columns else np.nan
+
+    problems = pd.Series([""] * n, index=df.index, dtype=object)
+
+    def flag(mask, message):
+        mask = np.asarray(mask, dtype=bool) & (problems.to_numpy() == "")
+        problems[mask] = message
+
+    flag(df.apply(lambda r: any("\ufffd" in str(v) for v in r.values), axis=1), "invalid UTF-8 in row")
+    flag((out["narration_id"] == "") | (out["video_id"] == "") | (out["participant_id"] == ""), "empty id field")
+    flag(~out.apply(lambda r: r.video_id.startswith(r.participant_id + "_")
+                    and r.narration_id.startswith(r.video_id + "_"), axis=1),
+         "ids disagree (narration_id must extend video_id, which must extend participant_id)")
+    flag(np.isnan(out["start_timestamp_s"]) | np.isnan(out["stop_timestamp_s"]), "unparsable start/stop timestamp")
+    flag(out["stop_timestamp_s"] < out["start_timestamp_s"], "stop_timestamp before start_timestamp")
+    frames_ok = out["start_frame"].notna() & out["stop_frame"].notna()
+    flag(~frames_ok, "start_frame/stop_frame is not an integer")
+    frames_ok &= (out["start_frame"] % 1 == 0) & (out["stop_frame"] % 1 == 0)
+    flag(~frames_ok, "start_frame/stop_frame is not an integer")
+    flag(frames_ok & ((out["start_frame"] < 1) | (out["stop_frame"] < out["start_frame"])),
+         "frame numbers out of range (start_frame >= 1, stop_frame >= start_frame)")
+    if "narration" in df.columns:
+        flag(df["narration"].str.strip() == "", "empty narration")
+    for col in ("verb_class", "noun_class"):
+        if col in df.columns:
+            flag(out[col].isna() | (out[col] % 1 != 0) | (out[col] < 0), f"{col} is not a non-negative integer")
+
+    all_nouns, all_noun_classes = [None] * n, [None] * n
+    if "all_nouns" in df.columns and "all_noun_classes" in df.columns:
+        for i, (nouns_text, classes_text) in enumerate(zip(df["all_nouns"], df["all_noun_classes"])):
+            nouns, classes = _parse_list_literal(nouns_text, str), _parse_list_literal(classes_text, int)
+            if nouns is None or classes is None or len(nouns) != len(classes):
+                if problems.iat[i] == "":
+                    problems.iat[i] = f"all_nouns/all_noun_classes are not matching list literals: {nouns_text!r} {classes_text!r}"
+            all_nouns[i], all_noun_classes[i] = nouns, classes
+    out["all_nouns"] = all_nouns
+    out["all_noun_classes"] = all_noun_classes
+
+    bad = problems != ""
+    for i in np.flatnonzero(bad.to_numpy()):
+        quarantine.add(df["narration_id"].iat[i] or f"row {i}", "bad_row", f"row {i + 2}: {problems.iat[i]}",
+                       split=split, video_id=df["video_id"].iat[i] or None, source=uri)
+    out = out[~bad]
+    dup = out["narration_id"].duplicated(keep="first")
+    for _, row in out[dup].iterrows():
+        quarantine.add(row.narration_id, "duplicate_narration_id",
+                       f"row {row.split_row + 2}: narration_id already used by an earlier row", split=split,
+                       video_id=row.video_id, source=uri)
+    out = out[~dup].copy()
+    for col in ("start_frame", "stop_frame"):
+        out[col] = out[col].astype(np.int32)
+    for col in ("verb_class", "noun_class"):
+        out[col] = out[col].astype("Int16")
+    return out.reset_index(drop=True), n
+
+
+def _empty_actions() -> pd.DataFrame:
+    cols = ["narration_id", "participant_id", "video_id", "split", "split_row", "narration_timestamp_s",
+            "start_timestamp_s", "stop_timestamp_s", "start_frame", "stop_frame", *LABEL_COLUMNS[1:]]
+    return pd.DataFrame({c: [] for c in cols})
+
+
+def read_video_info(uri: str, quarantine: Quarantine) -> pd.DataFrame:
+    """``EPIC_100_video_info.csv`` indexed by video_id with float ``duration``/``fps`` (native) and
+    ``width``/``height``. Rows with a non-positive or non-finite fps/duration are quarantined."""
+    df = _read_csv_text(uri, quarantine, None)
+    empty = pd.DataFrame(columns=["duration", "fps", "width", "height"], index=pd.Index([], name="video_id"))
+    if df is None:
+        return empty
+    missing = [c for c in VIDEO_INFO_COLUMNS if c not in df.columns]
+    if missing:
+        quarantine.add(uri, "bad_csv", f"missing required columns {missing}", source=uri)
+        return empty
+    info = pd.DataFrame({
+        "video_id": df["video_id"].str.strip(),
+        "duration": pd.to_numeric(df["duration"], errors="coerce"),
+        "fps": pd.to_numeric(df["fps"], errors="coerce"),
+    })
+    size = df["resolution"].str.extract(r"^\s*(\d+)\s*x\s*(\d+)\s*$")
+    info["width"] = pd.to_numeric(size[0], errors="coerce")
+    info["height"] = pd.to_numeric(size[1], errors="coerce")
+    ok = np.isfinite(info["fps"]) & (info["fps"] > 0) & np.isfinite(info["duration"]) & (info["duration"] > 0)
+    for _, row in info[~ok].iterrows():
+        quarantine.add(row.video_id, "bad_video_info",
+                       f"fps={row.fps} duration={row.duration}: both must be positive numbers",
+                       video_id=row.video_id, source=uri)
+    info = info[ok].drop_duplicates("video_id", keep="first")
+    return info.set_index("video_id")
+
+
+def read_class_keys(uri: str) -> dict[int, str]:
+    """``EPIC_100_{verb,noun}_classes.csv`` -> {class id: key}."""
+    df = pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype={"id": int, "key": str})
+    return dict(zip(df["id"], df["key"]))

@@ -1,0 +1,185 @@
+"""The preprocessing stages as Ray jobs: ``index`` (annotations -> action table) and ``samples``
+(index + media -> self-contained training shards), with the quarantine and ``manifest.json``.
+
+Output layout under ``OUT`` (local path or URI), documented in docs/DATA.md::
+
+    index/<split>/part-00000.parquet        INDEX_SCHEMA, one row per observable action
+    samples/<split>/<video_id>-<k>.parquet  SAMPLES_SCHEMA, shards of <= shard_size actions
+    quarantine/*.parquet                    QUARANTINE_SCHEMA, every rejected item with a reason
+    _state/samples/<split>/<shard>.json     done markers (fingerprint + counts) for resumption
+    manifest.json                           counts per split and stage
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import asdict
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from preprocessing import storage
+from preprocessing.index import IndexConfig, build_index
+from preprocessing.samples import (
+    STATE_DIR,
+    MediaConfig,
+    done_summary,
+    is_done,
+    process_shard,
+    shard_fingerprint,
+    shard_paths,
+    table_to_ipc,
+)
+from preprocessing.schema import SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
+INDEX_FILE = "part-00000.parquet"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def update_manifest(out: str, stage: str, config: dict, split_stats: dict[str, dict], extra: dict | None = None) -> dict:
+    """Merge one stage's counts into ``OUT/manifest.json`` (read-modify-write in the driver)."""
+    uri = storage.join(out, "manifest.json")
+    manifest = storage.read_json(uri) if storage.exists(uri) else {"schema_version": SCHEMA_VERSION, "splits": {}}
+    manifest["updated_at"] = _now()
+    manifest.setdefault("stages", {})[stage] = {"config": config, "finished_at": _now(), **(extra or {})}
+    for split, stats in split_stats.items():
+        manifest["splits"].setdefault(split, {})[stage] = stats
+    storage.write_json_atomic(uri, manifest)
+    return manifest
+
+
+def index_path(out: str, split: str) -> str:
+    return storage.join(out, "index", split, INDEX_FILE)
+
+
+def run_index_stage(cfg: IndexConfig, out: str) -> dict:
+    """Build and write the index of every split; returns the per-split counts."""
+    t0 = time.perf_counter()
+    result = build_index(cfg)
+    for split, table in result.tables.items():
+        order = pc.sort_indices(table, [("video_id", "ascending"), ("start_frame", "ascending"),
+                                        ("narration_id", "ascending")])
+        storage.write_parquet_atomic(table.take(order), index_path(out, split))
+        log.info("index %s: %d actions -> %s", split, table.num_rows, index_path(out, split))
+    result.quarantine.write(storage.join(out, "quarantine", "index.parquet"))
+    extra = {"quarantined_total": result.quarantine.counts(), "seconds": round(time.perf_counter() - t0, 2)}
+    config = {k: v for k, v in asdict(cfg).items()}
+    config["splits"] = list(cfg.splits)
+    update_manifest(out, "index", config, result.stats, extra)
+    return result.stats
+
+
+def plan_shards(index: pa.Table, shard_size: int) -> list[tuple[str, pa.Table]]:
+    """Split a (video-sorted) index into shards of <= ``shard_size`` actions of one video each."""
+    shards = []
+    videos = index.column("video_id").to_pylist()
+    start = 0
+    while start < len(videos):
+        video = videos[start]
+        end = start
+        while end < len(videos) and videos[end] == video:
+            end += 1
+        for k, chunk_start in enumerate(range(start, end, shard_size)):
+            chunk_end = min(chunk_start + shard_size, end)
+            shards.append((f"{video}-{k:04d}", index.slice(chunk_start, chunk_end - chunk_start)))
+        start = end
+    return shards
+
+
+def _remove_stale_shards(out: str, split: str, current: set[str]) -> int:
+    """Delete outputs of shards that the current index no longer produces (idempotent re-runs)."""
+    removed = 0
+    for uri in storage.list_files(storage.join(out, "samples", split), ".parquet"):
+        shard_id = uri.rsplit("/", 1)[-1][: -len(".parquet")]
+        if shard_id not in current:
+            for path in shard_paths(out, split, shard_id).values():
+                if storage.exists(path):
+                    fs, p = storage.resolve(path)
+                    fs.delete_file(p)
+            removed += 1
+    return removed
+
+
+def _process_shard_row(row: dict, media: MediaConfig) -> dict:
+    summary = process_shard(row["split"], row["shard_id"], row["rows_ipc"], row["fingerprint"], media)
+    # JSON keeps the per-reason counts (different keys per shard) out of Ray Data's type inference.
+    return {"split": summary["split"], "shard_id": summary["shard_id"], "summary": json.dumps(summary, sort_keys=True)}
+
+
+def run_samples_stage(out: str, splits: tuple[str, ...], media: MediaConfig, shard_size: int = 256,
+                      unlabelled: str = "skip", progress: bool = True) -> dict:
+    """Decode the observation frames of every indexed action into sample shards with Ray Data."""
+    import ray
+
+    if unlabelled not in ("skip", "keep"):
+        raise ValueError("unlabelled must be 'skip' or 'keep'")
+    t0 = time.perf_counter()
+    pending, reused, split_stats = [], [], {}
+    for split in splits:
+        if not storage.exists(index_path(out, split)):
+            raise FileNotFoundError(f"no index for split {split!r} at {index_path(out, split)}; run --stage index first")
+        fs, path = storage.resolve(index_path(out, split))
+        index = pq.read_table(path, filesystem=fs)
+        labelled = pc.not_equal(index.column("label_source"), "none")
+        n_unlabelled = index.num_rows - int(pc.sum(labelled).as_py() or 0)
+        if unlabelled == "skip":
+            index = index.filter(labelled)
+        shards = plan_shards(index, shard_size)
+        removed = _remove_stale_shards(out, split, {sid for sid, _ in shards})
+        split_stats[split] = {"read": index.num_rows + (n_unlabelled if unlabelled == "skip" else 0),
+                              "unlabelled_skipped": n_unlabelled if unlabelled == "skip" else 0,
+                              "shards": len(shards), "stale_shards_removed": removed}
+        for shard_id, rows in shards:
+            rows_ipc = table_to_ipc(rows)
+            fingerprint = shard_fingerprint(rows_ipc, media)
+            paths = shard_paths(out, split, shard_id)
+            if is_done(paths, fingerprint):
+                reused.append(done_summary(paths))
+            else:
+                pending.append({"split": split, "shard_id": shard_id, "rows_ipc": rows_ipc,
+                                "fingerprint": fingerprint, "n": rows.num_rows})
+
+    summaries = list(reused)
+    if pending:
+        n_actions = sum(p.pop("n") for p in pending)
+        log.info("samples: %d shards to process (%d actions), %d already done", len(pending), n_actions, len(reused))
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # one readable bar below instead of per-operator bars
+        ds = ray.data.from_items(pending, override_num_blocks=len(pending))
+        ds = ds.map(_process_shard_row, fn_kwargs={"media": media}, num_cpus=1)
+        bar = tqdm(total=n_actions, unit="action", desc="samples", disable=not progress, mininterval=1.0)
+        for row in ds.iter_rows():
+            summary = json.loads(row["summary"])
+            summaries.append(summary)
+            bar.update(summary["rows"])
+            bar.set_postfix(shards=f"{len(summaries) - len(reused)}/{len(pending)}")
+        bar.close()
+    else:
+        log.info("samples: all %d shards already done", len(reused))
+
+    for split, stats in split_stats.items():
+        mine = [s for s in summaries if s["split"] == split]
+        quarantined = Counter()
+        for s in mine:
+            quarantined.update(s["quarantined"])
+        stats.update({
+            "written": sum(s["written"] for s in mine),
+            "quarantined": dict(quarantined),
+            "shards_processed": sum(not s["skipped"] for s in mine),
+            "shards_reused": sum(s["skipped"] for s in mine),
+            "frame_sources": dict(Counter(s["frame_source"] for s in mine if s["frame_source"])),
+        })
+    config = {**asdict(media), "splits": list(splits), "shard_size": shard_size, "unlabelled": unlabelled}
+    update_manifest(out, "samples", config, split_stats, {"seconds": round(time.perf_counter() - t0, 2),
+                                                          "state_dir": STATE_DIR})
+    return split_stats

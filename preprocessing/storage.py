@@ -1,0 +1,134 @@
+"""Paths that may be local directories or any pyarrow/fsspec URI (``s3://``, ``gs://``, ``file://``).
+
+Every stage reads and writes through these helpers so the same command works on a laptop and on
+a cluster whose shards live in object storage. Writes are atomic: a reader (or a re-run after a
+crash) sees either the whole file or no file, which is what makes the stages resumable.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in str(uri) or str(uri).startswith("file://")
+
+
+def _local_path(uri: str) -> str:
+    uri = str(uri)
+    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or URI."""
+    if is_local(uri):
+        return pafs.LocalFileSystem(), _local_path(uri)
+    return pafs.FileSystem.from_uri(str(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_local(uri):
+        return os.path.join(_local_path(uri), *parts)
+    return posixpath.join(str(uri), *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Files directly under a directory URI (sorted; empty if the directory does not exist)."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    names = sorted(i.base_name for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(suffix))
+    return [join(uri, n) for n in names]
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def makedirs(uri: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write a whole file so that readers never see a partial one."""
+    fs, path = resolve(uri)
+    parent = posixpath.dirname(path) if not is_local(uri) else os.path.dirname(path)
+    fs.create_dir(parent, recursive=True)
+    if is_local(uri):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:  # a single object PUT is atomic on object stores
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+
+
+def write_json_atomic(uri: str, obj) -> None:
+    write_bytes_atomic(uri, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+
+
+def read_json(uri: str):
+    return json.loads(read_bytes(uri).decode("utf-8"))
+
+
+def write_parquet_atomic(table: pa.Table, uri: str, row_group_size: int = 256, compression: str = "zstd") -> None:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=row_group_size, compression=compression)
+    write_bytes_atomic(uri, buf.getvalue())
+
+
+def read_parquet_dir(uri: str, columns: list[str] | None = None) -> pa.Table | None:
+    """All ``*.parquet`` files directly under ``uri`` as one table (None if there are none)."""
+    files = list_files(uri, ".parquet")
+    if not files:
+        return None
+    tables = []
+    for f in files:
+        fs, path = resolve(f)
+        tables.append(pq.read_table(path, filesystem=fs, columns=columns))
+    return pa.concat_tables(tables, promote_options="default")
+
+
+@contextmanager
+def local_copy(uri: str) -> Iterator[str]:
+    """A local filesystem path for ``uri`` (remote files are downloaded to a temporary file).
+
+    decord needs a real file; local inputs are used in place.
+    """
+    if is_local(uri):
+        yield _local_path(uri)
+        return
+    fs, path = resolve(uri)
+    suffix = os.path.splitext(path)[1]
+    with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
+        with fs.open_input_stream(path) as src:
+            shutil.copyfileobj(src, tmp)
+        tmp.flush()
+        yield tmp.name
