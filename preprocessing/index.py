@@ -113,7 +113,7 @@ def build_index(cfg: IndexConfig) -> IndexResult:
     if labels is not None and labels.labelled_uids is not None:
         _quarantine_orphan_labels(labels, ranges, quarantine)
     for split in cfg.splits:
-        stats[split]["quarantined"] = quarantine.counts(split)
+        stats[split]["quarantined"] = quarantine.counts(split, actions_only=True)
     return IndexResult(tables, quarantine, stats)
 
 
@@ -178,7 +178,6 @@ def _index_split(df, split, n_read, cfg, video_info, questions, paraphrases, lab
     n = len(df)
     future_hands = np.stack([t.future_hands for t in targets]) if n else np.zeros((0, NUM_HANDS, 5, 2), np.float32)
     future_valid = np.stack([t.future_valid for t in targets]) if n else np.zeros((0, NUM_HANDS), bool)
-    has_past = np.array([t.past_hands is not None for t in targets], bool)
     past = np.stack([t.past_hands if t.past_hands is not None else np.zeros((NUM_HANDS, NUM_OBS_FRAMES, 2), np.float32)
                      for t in targets]) if n else np.zeros((0, NUM_HANDS, NUM_OBS_FRAMES, 2), np.float32)
     past_valid = np.stack([t.past_hands_valid if t.past_hands_valid is not None
@@ -223,8 +222,8 @@ def _index_split(df, split, n_read, cfg, video_info, questions, paraphrases, lab
         "future_point_valid": tensor_array(future_point_valid(future_hands, future_valid), pa.bool_()),
         "future_valid": tensor_array(future_valid.astype(bool), pa.bool_()),
         "contact_points": pa.array([t.contact_points.tolist() for t in targets], pa.list_(pa.list_(pa.float32(), 2))),
-        "past_hands": tensor_array(past.astype(np.float32), pa.float32(), mask=~has_past),
-        "past_hands_valid": tensor_array(past_valid, pa.bool_(), mask=~has_past),
+        "past_hands": tensor_array(past.astype(np.float32), pa.float32()),
+        "past_hands_valid": tensor_array(past_valid, pa.bool_()),
         "coord_space": pa.array([COORD_SPACE] * n, pa.string()),
     }
     table = pa.Table.from_arrays([columns[f.name] for f in INDEX_SCHEMA], schema=INDEX_SCHEMA)

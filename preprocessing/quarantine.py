@@ -33,6 +33,10 @@ REASONS = {
     "frame_corrupt": "a frame could not be decoded",
 }
 
+# Reasons that reject a file, a video_info row, a label or a question rather than one action;
+# they are left out of the per-split action counts (read = written + skipped + quarantined).
+NON_ACTION_REASONS = frozenset({"bad_csv", "bad_video_info", "orphan_label", "malformed_question"})
+
 
 @dataclass
 class QuarantineRow:
@@ -59,14 +63,9 @@ class Quarantine:
     def add(self, item: str, reason: str, detail: str, **kw) -> None:
         self.rows.append(QuarantineRow(stage=self.stage, item=str(item), reason=reason, detail=str(detail), **kw))
 
-    def extend(self, other: "Quarantine") -> None:
-        self.rows.extend(other.rows)
-
-    def counts(self, split: str | None = None) -> dict[str, int]:
-        return dict(Counter(r.reason for r in self.rows if split is None or r.split == split))
-
-    def items(self, split: str | None = None) -> set[str]:
-        return {r.item for r in self.rows if split is None or r.split == split}
+    def counts(self, split: str | None = None, actions_only: bool = False) -> dict[str, int]:
+        return dict(Counter(r.reason for r in self.rows if (split is None or r.split == split)
+                            and not (actions_only and r.reason in NON_ACTION_REASONS)))
 
     def to_table(self) -> pa.Table:
         return pa.Table.from_pylist([asdict(r) for r in self.rows], schema=QUARANTINE_SCHEMA)

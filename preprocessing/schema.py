@@ -34,17 +34,17 @@ def tensor_field(name: str, value_type: pa.DataType, shape: tuple[int, ...], nul
                     metadata={"shape": str(list(shape)), "layout": "row-major"})
 
 
-def tensor_array(values: np.ndarray, value_type: pa.DataType, mask: np.ndarray | None = None) -> pa.Array:
+def tensor_array(values: np.ndarray, value_type: pa.DataType) -> pa.Array:
     """Arrow array of nested fixed-size lists from an ``[N, *shape]`` numpy array (vectorised).
 
-    ``mask`` ([N] bool, True = null) marks rows whose tensor is missing.
+    Tensor columns are never null: a null nested fixed_size_list does not survive a Parquet
+    round trip in pyarrow 25, so missing values are expressed by companion ``*_valid`` masks.
     """
     values = np.ascontiguousarray(values)
     n, shape = values.shape[0], values.shape[1:]
     arr: pa.Array = pa.array(values.reshape(-1), type=value_type)
-    for i, size in enumerate(reversed(shape)):
-        outermost = i == len(shape) - 1
-        arr = pa.FixedSizeListArray.from_arrays(arr, size, mask=pa.array(mask) if (outermost and mask is not None) else None)
+    for size in reversed(shape):
+        arr = pa.FixedSizeListArray.from_arrays(arr, size)
     assert len(arr) == n
     return arr
 
@@ -79,7 +79,7 @@ INDEX_FIELDS = [
     pa.field("stop_timestamp_s", pa.float64(), nullable=False),
     pa.field("start_frame", pa.int32(), nullable=False),
     pa.field("stop_frame", pa.int32(), nullable=False),
-    pa.field("narration", pa.string(), nullable=False),
+    pa.field("narration", pa.string()),  # null for the test split (no narrations published)
     pa.field("verb", pa.string()),
     pa.field("verb_class", pa.int16()),
     pa.field("noun", pa.string()),
@@ -100,8 +100,9 @@ INDEX_FIELDS = [
     tensor_field("future_point_valid", pa.bool_(), (NUM_HANDS, NUM_FUTURE_POINTS)),
     tensor_field("future_valid", pa.bool_(), (NUM_HANDS,)),
     pa.field("contact_points", pa.list_(pa.list_(pa.float32(), 2)), nullable=False),
-    tensor_field("past_hands", pa.float32(), (NUM_HANDS, NUM_OBS_FRAMES, 2), nullable=True),
-    tensor_field("past_hands_valid", pa.bool_(), (NUM_HANDS, NUM_OBS_FRAMES), nullable=True),
+    # Hand centres at the observed frames where a source provides them (all-false mask otherwise).
+    tensor_field("past_hands", pa.float32(), (NUM_HANDS, NUM_OBS_FRAMES, 2)),
+    tensor_field("past_hands_valid", pa.bool_(), (NUM_HANDS, NUM_OBS_FRAMES)),
     pa.field("coord_space", pa.string(), nullable=False),
 ]
 
