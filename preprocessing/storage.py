@@ -32,10 +32,20 @@ def _local_path(uri: str) -> str:
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or URI."""
+    """(filesystem, path inside it) for a local path or URI.
+
+    pyarrow's native filesystems (s3, gs, hdfs, abfs) are used where they exist; any other scheme
+    goes through fsspec (``memory://``, ``az://`` with adlfs, ...).
+    """
     if is_local(uri):
         return pafs.LocalFileSystem(), _local_path(uri)
-    return pafs.FileSystem.from_uri(str(uri))
+    try:
+        return pafs.FileSystem.from_uri(str(uri))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(str(uri))
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 def join(uri: str, *parts: str) -> str:

@@ -1,0 +1,755 @@
+"""SynthKitchens scene model: object vocabulary, table layouts, hand motion and frame rendering.
+
+A SynthKitchens video is a static top-down camera over a kitchen counter with 5-6 distinct,
+nameable objects and two hands. Everything in this module is a pure function of a per-video
+``numpy.random.Generator`` (scene sampling) or of a sampled scene plus a time in seconds
+(rendering), so the MP4 frames (t = i / fps) and the 60-fps ``rgb_frames`` (t = (n - 1) / 60)
+show one and the same continuous motion.
+
+Design (why language matters): the target of every action is drawn uniformly among the objects
+in view, and during the observation window the hands only wander (random waypoints, unrelated to
+the target). Only during the last second before contact does the active hand reach for the
+target. A predictor that is told which object is meant (the narration or an RBHP question that
+implies it) can therefore aim at it; one that only sees the frames cannot know which object.
+
+Coordinates are pixels of the 456x256 frame (x right, y down) unless a name ends in ``_norm``.
+Times are seconds from the start of the video.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from preprocessing.window import ANTICIPATION_SECONDS, REFERENCE_FPS
+
+# ----------------------------------------------------------------------------------------------
+# Frame geometry
+# ----------------------------------------------------------------------------------------------
+FRAME_W = 456  # EPIC rgb_frames width (px)
+FRAME_H = 256  # EPIC rgb_frames height (px)
+# Everything that matters lies inside this box (normalised x0, y0, x1, y1). The model centre-crops
+# the middle 256x256 (x in [0.219, 0.781]), so the box is comfortably inside the crop.
+ACTIVE_REGION_NORM = (0.27, 0.15, 0.73, 0.75)
+ACTIVE_REGION_PX = (
+    ACTIVE_REGION_NORM[0] * FRAME_W,
+    ACTIVE_REGION_NORM[1] * FRAME_H,
+    ACTIVE_REGION_NORM[2] * FRAME_W,
+    ACTIVE_REGION_NORM[3] * FRAME_H,
+)
+DRAW_SHIFT = 4  # cv2 fixed-point bits: sub-pixel (1/16 px) drawing keeps motion smooth
+DRAW_SCALE = 1 << DRAW_SHIFT
+
+SIDES = ("RIGHT", "LEFT")  # hoi-forecast side names; RIGHT is row 0 everywhere downstream
+
+# ----------------------------------------------------------------------------------------------
+# Timing of actions (seconds)
+# ----------------------------------------------------------------------------------------------
+OBS_WINDOW_LEAD_S = 3.25  # the observation window starts 3.25 s before the action start
+OBS_WINDOW_SAFETY_S = 0.05  # margin for the float32 index quirk of window.observation_frame_indices
+FIRST_ACTION_MIN_S = 3.5  # no action starts earlier (its whole window then lies in the video)
+INTER_ACTION_GAP_S = (0.2, 1.0)  # extra wander time between an action's end and the next window
+ACTION_DURATION_S = (0.5, 1.5)  # stop - start
+NARRATION_LEAD_S = (0.1, 1.2)  # the narrator speaks shortly before the action starts
+VIDEO_TAIL_S = (1.0, 2.0)  # wander time after the last action
+REACH_S = ANTICIPATION_SECONDS  # the reach takes exactly the anticipation second
+CENTISECONDS = 100  # start/stop timestamps have two decimals, like EPIC
+
+# ----------------------------------------------------------------------------------------------
+# Hand motion
+# ----------------------------------------------------------------------------------------------
+WANDER_SEGMENT_S = (0.6, 1.0)  # duration of one minimum-jerk wander move
+WANDER_STEP_PX = (10.0, 40.0)  # length of one wander move
+WANDER_PAUSE_PROB = 0.25  # probability that a wander "move" is a pause in place
+# Each hand wanders over the active region, the right hand biased right and the left hand left
+# (normalised x range per side; y uses the full active-region range).
+HAND_WANDER_X_NORM = {"RIGHT": (0.36, 0.73), "LEFT": (0.27, 0.64)}
+BIMANUAL_PROB = 0.15  # both hands reach the object's left/right edges
+GRASP_DEPTH = 0.35  # unimanual grasp point: this fraction of the half-size from the centre
+BIMANUAL_EDGE_DEPTH = 0.8  # bimanual grasp points: this fraction of the half-width
+GRASP_JITTER_PX = 2.0
+HOLD_WIGGLE_PX = (1.0, 4.0)  # small manipulation motion while holding the object
+CONTACT_POINTS = (1, 5)  # number of affordance contact points (inclusive range)
+CONTACT_POINT_SPREAD_PX = 4.0
+
+# ----------------------------------------------------------------------------------------------
+# Appearance
+# ----------------------------------------------------------------------------------------------
+COUNTER_COLOURS_BGR = (  # muted counter tops that contrast with white plates and black pans
+    (118, 112, 104),
+    (128, 136, 140),
+    (96, 112, 110),
+    (140, 128, 118),
+    (110, 118, 128),
+    (92, 98, 104),
+)
+COUNTER_JITTER = 8  # per-channel colour jitter of the counter
+TEXTURE_AMPLITUDE = 6.0  # std of the (blurred) counter texture noise, grey levels
+TEXTURE_BLUR_SIGMA = 1.5
+BACKSPLASH_HEIGHT_NORM = 0.09  # tiled wall strip at the top of the frame
+BACKSPLASH_TILE_PX = 24
+SKIN_BGR = (128, 164, 214)
+SKIN_JITTER = 12
+SLEEVE_COLOURS_BGR = ((90, 45, 25), (40, 30, 120), (40, 90, 35), (55, 55, 55), (120, 90, 60))
+HAND_AXES_PX = (12.0, 16.0)  # palm ellipse half-width, half-length (length along the forearm)
+THUMB_AXES_PX = (4.0, 7.0)
+FOREARM_WIDTH_PX = 20
+SLEEVE_WIDTH_PX = 26
+SLEEVE_FRACTION = 0.45  # the sleeve covers this fraction of the arm from the frame edge
+# Elbow anchors below the frame: the right arm enters bottom-right, the left arm bottom-left.
+ARM_ANCHOR_NORM = {"RIGHT": (0.80, 1.25), "LEFT": (0.20, 1.25)}
+
+# ----------------------------------------------------------------------------------------------
+# Vocabulary: real EPIC-KITCHENS-100 class ids, keys, categories (EPIC_100_{verb,noun}_classes.csv)
+# ----------------------------------------------------------------------------------------------
+VERB_CLASSES = {  # key -> (id, category, first few real instances)
+    "take": (0, "retrieve", ["take", "grab", "pick-up", "get", "fetch"]),
+    "put": (1, "leave", ["put", "place", "put-down", "lay", "set-down"]),
+    "open": (3, "access", ["open", "open-up", "uncork", "lever-open"]),
+    "fill": (26, "merge", ["fill", "fill-up", "fill-from", "fill-with"]),
+}
+NOUN_CLASSES = {  # key -> (id, category, first few real instances)
+    "plate": (2, "crockery", ["plate", "plate:pasta", "saucer", "dish"]),
+    "knife": (4, "cutlery", ["knife", "knife:mincing", "blade", "chopper"]),
+    "pan": (5, "cookware", ["pan", "pan:sauce", "pan:frying", "saucepan", "wok"]),
+    "bowl": (7, "crockery", ["bowl", "bowl:salad", "bowl:glass", "bowl:sugar"]),
+    "sponge": (9, "cleaning equipment and material", ["sponge", "scrubber", "sponge:cleaning", "scourer"]),
+    "cup": (13, "crockery", ["cup", "cup:coffee", "cup:small", "mug", "mug:tea"]),
+    "bottle": (15, "containers", ["bottle", "bottle:oil", "bottle:milk", "bottle:water"]),
+    "board:chopping": (18, "utensils", ["board:chopping", "board:cutting", "board", "block:chopping"]),
+    "jar": (40, "containers", ["jar", "jar:sugar", "jar:coffee", "jar:honey"]),
+    "kettle": (44, "appliances", ["kettle", "spout:kettle", "boiler", "kettle:electronic"]),
+    "towel": (52, "materials", ["towel", "towel:tea", "towel:cleaning", "duster"]),
+}
+
+
+@dataclass(frozen=True)
+class ObjectKind:
+    """One entry of the SynthKitchens vocabulary.
+
+    ``purposes`` are (infinitive, gerund) phrases that imply the object without naming it; they
+    fill the three RBHP question stems. Every phrase is unique across the vocabulary.
+    ``half_size_px`` is the half width/height of the object's axis-aligned footprint.
+    """
+
+    noun: str
+    verb: str
+    narration: str
+    paraphrase: str
+    purposes: tuple[tuple[str, str], ...]
+    half_size_px: tuple[int, int]
+    colour_bgr: tuple[int, int, int]
+
+
+VOCABULARY: dict[str, ObjectKind] = {
+    k.noun: k
+    for k in (
+        ObjectKind(
+            "cup", "take", "take cup", "pick up the mug",
+            (("have a drink", "getting something to drink"),
+             ("sip something hot", "sipping something hot"),
+             ("quench my thirst", "quenching my thirst")),
+            (20, 13), (35, 35, 200),  # red circle with a handle on the right
+        ),
+        ObjectKind(
+            "plate", "put", "put plate", "set down the dinner dish",
+            (("serve dinner", "serving dinner"),
+             ("set the table", "setting the table"),
+             ("dish up a meal", "dishing up a meal")),
+            (26, 26), (238, 238, 238),  # large white disc with a rim
+        ),
+        ObjectKind(
+            "knife", "take", "take knife", "grab the blade",
+            (("cut the vegetables", "cutting the vegetables"),
+             ("slice some bread", "slicing some bread"),
+             ("chop the ingredients", "chopping the ingredients")),
+            (31, 5), (185, 185, 190),  # thin grey blade with a dark handle
+        ),
+        ObjectKind(
+            "pan", "take", "take pan", "get the frying pan",
+            (("fry an egg", "frying an egg"),
+             ("cook something on the stove", "cooking something on the stove"),
+             ("sauté some onions", "sautéing some onions")),
+            (33, 21), (32, 32, 32),  # black disc with a handle on the right
+        ),
+        ObjectKind(
+            "bottle", "open", "open bottle", "unscrew the bottle",
+            (("pour out some sauce", "pouring out some sauce"),
+             ("twist off a cap", "twisting off a cap"),
+             ("add a splash of vinegar", "adding a splash of vinegar")),
+            (8, 26), (50, 150, 40),  # tall green rectangle with a neck and cap
+        ),
+        ObjectKind(
+            "sponge", "take", "take sponge", "pick up the scrubber",
+            (("scrub the dishes", "scrubbing the dishes"),
+             ("wipe the counter", "wiping the counter"),
+             ("clean up a spill", "cleaning up a spill")),
+            (16, 11), (40, 215, 245),  # yellow block with a green scouring strip
+        ),
+        ObjectKind(
+            "bowl", "take", "take bowl", "grab the bowl",
+            (("eat some cereal", "eating some cereal"),
+             ("mix the batter", "mixing the batter"),
+             ("serve some soup", "serving some soup")),
+            (19, 19), (190, 100, 25),  # blue disc with a light inner ring
+        ),
+        ObjectKind(
+            "kettle", "fill", "fill kettle", "top up the kettle with water",
+            (("boil some water", "boiling some water"),
+             ("make tea", "making tea"),
+             ("heat water for coffee", "heating water for coffee")),
+            (25, 18), (20, 120, 240),  # orange round body with a spout and a handle
+        ),
+        ObjectKind(
+            "jar", "open", "open jar", "unscrew the jar",
+            (("get some jam", "getting some jam"),
+             ("spread honey on toast", "spreading honey on toast"),
+             ("reach the pickles", "reaching the pickles")),
+            (12, 15), (150, 50, 130),  # purple square with a golden lid
+        ),
+        ObjectKind(
+            "board:chopping", "take", "take chopping board", "pick up the cutting board",
+            (("set up my food prep area", "setting up my food prep area"),
+             ("get a wooden surface to work on", "getting a wooden surface to work on"),
+             ("lay out a prep surface", "laying out a prep surface")),
+            (29, 18), (45, 95, 150),  # large brown wooden rectangle with a hole
+        ),
+        ObjectKind(
+            "towel", "take", "take towel", "grab the tea towel",
+            (("dry my hands", "drying my hands"),
+             ("wipe my wet hands", "wiping my wet hands"),
+             ("dab off some water", "dabbing off some water")),
+            (17, 11), (185, 135, 245),  # pink rectangle with white stripes
+        ),
+    )
+}
+OBJECTS_PER_VIDEO = (5, 6)  # inclusive
+OBJECT_GAP_PX = 8  # minimum free space between object footprints
+PLACEMENT_TRIES = 400
+
+
+# ----------------------------------------------------------------------------------------------
+# Scene data
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class PlacedObject:
+    """An object instance: ``centre`` (x, y) px, footprint ``half`` (w, h) px."""
+
+    noun: str
+    centre: tuple[float, float]
+    half: tuple[int, int]
+
+    @property
+    def bbox(self) -> tuple[int, int, int, int]:
+        """Footprint xyxy (px, integer)."""
+        cx, cy = self.centre
+        hw, hh = self.half
+        return (int(round(cx - hw)), int(round(cy - hh)), int(round(cx + hw)), int(round(cy + hh)))
+
+
+@dataclass
+class Track:
+    """Piecewise quintic motion of one hand.
+
+    Segment ``i`` is valid from ``starts[i]`` to ``starts[i + 1]`` (the last one forever) and is
+    ``p(t) = sum_k coeffs[i, k] * tau**k`` with ``tau = (t - origins[i]) / durations[i]``.
+    Shapes: ``starts``, ``origins``, ``durations`` [S]; ``coeffs`` [S, 6, 2].
+    """
+
+    starts: list[float] = field(default_factory=list)
+    origins: list[float] = field(default_factory=list)
+    durations: list[float] = field(default_factory=list)
+    coeffs: list[np.ndarray] = field(default_factory=list)
+
+    def append(self, t0: float, duration: float, coeffs: np.ndarray) -> None:
+        self.starts.append(float(t0))
+        self.origins.append(float(t0))
+        self.durations.append(float(duration))
+        self.coeffs.append(np.asarray(coeffs, dtype=np.float64))
+
+    @property
+    def end_time(self) -> float:
+        """End of the last segment's nominal duration (the hand is at rest there)."""
+        return self.origins[-1] + self.durations[-1]
+
+    def truncate_at(self, t: float) -> None:
+        """Drop every segment that starts after ``t`` (the segment containing ``t`` stays)."""
+        while len(self.starts) > 1 and self.starts[-1] > t:
+            for seq in (self.starts, self.origins, self.durations, self.coeffs):
+                seq.pop()
+
+    def state(self, t: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Position, velocity (px/s) and acceleration (px/s^2) at time ``t``, each [2]."""
+        i = max(0, int(np.searchsorted(np.asarray(self.starts), t, side="right")) - 1)
+        c, d = self.coeffs[i], self.durations[i]
+        tau = min(max((t - self.origins[i]) / d, 0.0), 1.0)
+        powers = tau ** np.arange(6)
+        pos = powers @ c
+        vel = (np.arange(1, 6) * powers[:5]) @ c[1:] / d
+        acc = (np.arange(2, 6) * np.arange(1, 5) * powers[:4]) @ c[2:] / d**2
+        return pos, vel, acc
+
+    def positions(self, times) -> np.ndarray:
+        """Positions at many times: ``times`` [N] s -> float64 [N, 2] px."""
+        times = np.asarray(times, dtype=np.float64)
+        idx = np.clip(np.searchsorted(np.asarray(self.starts), times, side="right") - 1, 0, None)
+        origins = np.asarray(self.origins)[idx]
+        durations = np.asarray(self.durations)[idx]
+        tau = np.clip((times - origins) / durations, 0.0, 1.0)
+        powers = tau[:, None] ** np.arange(6)[None, :]  # [N, 6]
+        coeffs = np.stack(self.coeffs)[idx]  # [N, 6, 2]
+        return np.einsum("nk,nkd->nd", powers, coeffs)
+
+
+def quintic_to_rest(p0, v0, a0, p1, duration: float) -> np.ndarray:
+    """Coefficients [6, 2] (in tau = t / duration) of the minimum-jerk-like quintic from state
+    (p0, v0, a0) to rest at p1 (zero velocity and acceleration). With v0 = a0 = 0 this is the
+    classic minimum-jerk profile ``p0 + (p1 - p0) (10 tau^3 - 15 tau^4 + 6 tau^5)``."""
+    p0, v0, a0, p1 = (np.asarray(v, dtype=np.float64) for v in (p0, v0, a0, p1))
+    delta = p1 - p0
+    v, a = v0 * duration, a0 * duration**2
+    return np.stack([
+        p0,
+        v,
+        a / 2.0,
+        10.0 * delta - 6.0 * v - 1.5 * a,
+        -15.0 * delta + 8.0 * v + 1.5 * a,
+        6.0 * delta - 3.0 * v - 0.5 * a,
+    ])
+
+
+def min_jerk_profile(tau) -> np.ndarray:
+    """Fraction of the distance covered by a minimum-jerk move at normalised time ``tau``."""
+    tau = np.clip(np.asarray(tau, dtype=np.float64), 0.0, 1.0)
+    return tau**3 * (10.0 - 15.0 * tau + 6.0 * tau**2)
+
+
+@dataclass
+class Action:
+    """One annotated action. Times in seconds; frames are 60-fps rgb file numbers."""
+
+    index: int  # 0-based, time order within the video
+    target: int  # index into VideoScene.objects
+    sides: tuple[str, ...]  # active hand(s)
+    start_cs: int  # start timestamp in centiseconds
+    stop_cs: int
+    narration_ms: int  # narration timestamp in milliseconds
+    grasp: dict[str, tuple[float, float]]  # side -> hand centre at contact (px)
+    contact_points: list[tuple[float, float]]  # affordance select_points (px)
+    hand_bbox: dict[str, tuple[int, int, int, int]]  # side -> palm xyxy at contact (px)
+    question_purposes: list[int]  # indices into the object's purposes (0, 1 or 3 of them)
+
+    @property
+    def start_frame(self) -> int:
+        return int(round(self.start_cs * REFERENCE_FPS / CENTISECONDS))
+
+    @property
+    def stop_frame(self) -> int:
+        return int(round(self.stop_cs * REFERENCE_FPS / CENTISECONDS))
+
+    @property
+    def contact_time(self) -> float:
+        """T_c = (start_frame - 1) / 60: the hand reaches the object at this time."""
+        return (self.start_frame - 1) / REFERENCE_FPS
+
+    @property
+    def release_time(self) -> float:
+        return (self.stop_frame - 1) / REFERENCE_FPS
+
+
+@dataclass
+class VideoScene:
+    """Everything needed to render and annotate one video."""
+
+    video_index: int
+    participant_id: str
+    video_id: str
+    fps: float
+    num_frames: int  # native-fps MP4 frames
+    counter_bgr: tuple[int, int, int]
+    skin_bgr: tuple[int, int, int]
+    sleeve_bgr: tuple[int, int, int]
+    texture_seed: int
+    objects: list[PlacedObject]
+    actions: list[Action]
+    tracks: dict[str, Track]
+
+    @property
+    def duration(self) -> float:
+        return self.num_frames / self.fps
+
+    @property
+    def num_rgb_frames(self) -> int:
+        """Frames an ``ffmpeg -r 60`` extraction yields: file n shows t = (n - 1) / 60."""
+        return int(math.floor(self.duration * REFERENCE_FPS + 1e-9))
+
+    def hand_positions(self, times) -> dict[str, np.ndarray]:
+        """side -> float64 [N, 2] hand centres (px) at ``times`` [N] (s)."""
+        return {side: self.tracks[side].positions(times) for side in SIDES}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+def _uniform(rng: np.random.Generator, bounds) -> float:
+    return float(rng.uniform(bounds[0], bounds[1]))
+
+
+def sample_objects(rng: np.random.Generator) -> list[PlacedObject]:
+    """5-6 distinct objects, footprints inside the active region and not overlapping."""
+    x0, y0, x1, y1 = ACTIVE_REGION_PX
+    nouns = list(VOCABULARY)
+    while True:
+        count = int(rng.integers(OBJECTS_PER_VIDEO[0], OBJECTS_PER_VIDEO[1] + 1))
+        chosen = [nouns[i] for i in rng.choice(len(nouns), size=count, replace=False)]
+        placed: list[PlacedObject] = []
+        for noun in chosen:
+            hw, hh = VOCABULARY[noun].half_size_px
+            for _ in range(PLACEMENT_TRIES):
+                cx = float(rng.uniform(x0 + hw, x1 - hw))
+                cy = float(rng.uniform(y0 + hh, y1 - hh))
+                if all(abs(cx - o.centre[0]) >= hw + o.half[0] + OBJECT_GAP_PX
+                       or abs(cy - o.centre[1]) >= hh + o.half[1] + OBJECT_GAP_PX for o in placed):
+                    placed.append(PlacedObject(noun, (round(cx, 2), round(cy, 2)), (hw, hh)))
+                    break
+            else:
+                break  # this layout got stuck: draw a new set
+        if len(placed) == count:
+            return placed
+
+
+def _wander_bounds(side: str) -> tuple[float, float, float, float]:
+    lo, hi = HAND_WANDER_X_NORM[side]
+    return lo * FRAME_W, ACTIVE_REGION_PX[1], hi * FRAME_W, ACTIVE_REGION_PX[3]
+
+
+def _reflect(value: float, lo: float, hi: float) -> float:
+    """Mirror ``value`` back into [lo, hi]."""
+    if value < lo:
+        value = 2 * lo - value
+    if value > hi:
+        value = 2 * hi - value
+    return min(max(value, lo), hi)
+
+
+def _next_waypoint(rng: np.random.Generator, side: str, pos: np.ndarray) -> np.ndarray:
+    """A random wander waypoint near ``pos`` (a pause with probability WANDER_PAUSE_PROB)."""
+    if rng.random() < WANDER_PAUSE_PROB:
+        return pos.copy()
+    angle = rng.uniform(0.0, 2.0 * math.pi)
+    step = _uniform(rng, WANDER_STEP_PX)
+    x0, y0, x1, y1 = _wander_bounds(side)
+    return np.array([
+        _reflect(pos[0] + step * math.cos(angle), x0, x1),
+        _reflect(pos[1] + step * math.sin(angle), y0, y1),
+    ])
+
+
+def _wander_until(rng: np.random.Generator, track: Track, side: str, t: float) -> None:
+    """Append wander moves until the track covers time ``t``."""
+    while track.end_time < t:
+        start = track.end_time
+        pos = track.positions([start])[0]
+        duration = _uniform(rng, WANDER_SEGMENT_S)
+        track.append(start, duration, quintic_to_rest(pos, 0.0, 0.0, _next_waypoint(rng, side, pos), duration))
+
+
+def _start_track(rng: np.random.Generator, side: str) -> Track:
+    x0, y0, x1, y1 = _wander_bounds(side)
+    pos = np.array([rng.uniform(x0, x1), rng.uniform(y0, y1)])
+    track = Track()
+    track.append(0.0, _uniform(rng, WANDER_SEGMENT_S), quintic_to_rest(pos, 0.0, 0.0, pos, 1.0))
+    return track
+
+
+def palm_geometry(side: str, centre) -> tuple[float, tuple[float, float]]:
+    """Palm ellipse orientation (degrees, cv2 convention) and axis-aligned half extents (px)."""
+    ax, ay = ARM_ANCHOR_NORM[side]
+    dx, dy = centre[0] - ax * FRAME_W, centre[1] - ay * FRAME_H
+    theta = math.atan2(dy, dx) - math.pi / 2.0  # the ellipse's second (long) axis follows the arm
+    a, b = HAND_AXES_PX
+    half_w = math.hypot(a * math.cos(theta), b * math.sin(theta))
+    half_h = math.hypot(a * math.sin(theta), b * math.cos(theta))
+    return math.degrees(theta), (half_w, half_h)
+
+
+def _hand_bbox(side: str, centre) -> tuple[int, int, int, int]:
+    _, (half_w, half_h) = palm_geometry(side, centre)
+    return (int(round(centre[0] - half_w)), int(round(centre[1] - half_h)),
+            int(round(centre[0] + half_w)), int(round(centre[1] + half_h)))
+
+
+def _grasp_points(rng: np.random.Generator, obj: PlacedObject, sides, starts) -> dict[str, np.ndarray]:
+    """Where each active hand's centre ends up (px).
+
+    Unimanual: inside the object, GRASP_DEPTH of the way from the centre toward the approaching
+    hand. Bimanual: near the object's left (LEFT hand) and right (RIGHT hand) edges.
+    """
+    centre = np.asarray(obj.centre)
+    half = np.asarray(obj.half, dtype=np.float64)
+    points = {}
+    for side in sides:
+        if len(sides) == 2:
+            sign = 1.0 if side == "RIGHT" else -1.0
+            offset = np.array([sign * BIMANUAL_EDGE_DEPTH * half[0], 0.0])
+        else:
+            direction = starts[side] - centre
+            direction = direction / max(float(np.linalg.norm(direction)), 1e-6)
+            offset = GRASP_DEPTH * direction * half
+        jitter = rng.uniform(-GRASP_JITTER_PX, GRASP_JITTER_PX, size=2)
+        points[side] = np.clip(centre + offset + jitter, centre - half, centre + half)
+    return points
+
+
+def _contact_points(rng: np.random.Generator, obj: PlacedObject, grasp: dict[str, np.ndarray]) -> list:
+    """1..5 affordance points (px) around the grasp point(s), inside the object's footprint."""
+    count = int(rng.integers(max(CONTACT_POINTS[0], len(grasp)), CONTACT_POINTS[1] + 1))
+    x0, y0, x1, y1 = obj.bbox
+    sides = list(grasp)
+    points = []
+    for k in range(count):
+        p = grasp[sides[k % len(sides)]] + rng.normal(0.0, CONTACT_POINT_SPREAD_PX, size=2)
+        points.append((float(np.clip(p[0], x0, x1)), float(np.clip(p[1], y0, y1))))
+    return points
+
+
+def _add_reach_and_hold(rng: np.random.Generator, track: Track, t_reach: float,
+                        t_contact: float, t_release: float, grasp: np.ndarray) -> None:
+    """Replace the track after ``t_reach`` by: reach (continuous velocity) -> hold with a small
+    manipulation wiggle -> rest at the grasp point at ``t_release``."""
+    p0, v0, a0 = track.state(t_reach)
+    track.truncate_at(t_reach)
+    track.append(t_reach, t_contact - t_reach, quintic_to_rest(p0, v0, a0, grasp, t_contact - t_reach))
+    track.starts[-1] = t_reach  # the interrupted wander segment now ends at t_reach
+    half_hold = (t_release - t_contact) / 2.0
+    angle = rng.uniform(0.0, 2.0 * math.pi)
+    wiggle = grasp + _uniform(rng, HOLD_WIGGLE_PX) * np.array([math.cos(angle), math.sin(angle)])
+    track.append(t_contact, half_hold, quintic_to_rest(grasp, 0.0, 0.0, wiggle, half_hold))
+    track.append(t_contact + half_hold, half_hold, quintic_to_rest(wiggle, 0.0, 0.0, grasp, half_hold))
+
+
+def _ceil_cs(seconds: float) -> int:
+    return int(math.ceil(seconds * CENTISECONDS - 1e-9))
+
+
+def sample_action_times(rng: np.random.Generator, count: int) -> list[tuple[int, int, int]]:
+    """(start_cs, stop_cs, narration_ms) per action, in time order.
+
+    Each action's observation window [T_c - 3.25, T_c - 1] starts after the previous action ended,
+    so it only shows wandering hands.
+    """
+    times = []
+    free_from = 0.0  # the previous action's release time
+    for _ in range(count):
+        earliest = free_from + OBS_WINDOW_LEAD_S + OBS_WINDOW_SAFETY_S + _uniform(rng, INTER_ACTION_GAP_S)
+        start_cs = _ceil_cs(max(FIRST_ACTION_MIN_S, earliest))
+        stop_cs = start_cs + _ceil_cs(_uniform(rng, ACTION_DURATION_S))
+        narration_ms = max(0, int(round((start_cs / CENTISECONDS - _uniform(rng, NARRATION_LEAD_S)) * 1000)))
+        times.append((start_cs, stop_cs, narration_ms))
+        free_from = stop_cs / CENTISECONDS
+    return times
+
+
+def _question_purposes(rng: np.random.Generator, kind: ObjectKind, probs) -> list[int]:
+    """Purposes for 0, 1 or 3 RBHP questions (probabilities ``probs`` = (none, one))."""
+    draw = rng.random()
+    order = [int(i) for i in rng.permutation(len(kind.purposes))]
+    if draw < probs[0]:
+        return []
+    if draw < probs[0] + probs[1]:
+        return order[:1]
+    return order[:3]
+
+
+def sample_scene(seed: int, video_index: int, video_id: str, participant_id: str,
+                 actions_per_video: int, fps: float, question_probs=(0.1, 0.3)) -> VideoScene:
+    """Sample one video: layout, actions, both hands' motion. Deterministic in (seed, video_index)."""
+    rng = np.random.default_rng([seed, video_index])
+    counter = tuple(int(np.clip(c + rng.integers(-COUNTER_JITTER, COUNTER_JITTER + 1), 0, 255))
+                    for c in COUNTER_COLOURS_BGR[int(rng.integers(len(COUNTER_COLOURS_BGR)))])
+    skin = tuple(int(np.clip(c + rng.integers(-SKIN_JITTER, SKIN_JITTER + 1), 0, 255)) for c in SKIN_BGR)
+    sleeve = SLEEVE_COLOURS_BGR[int(rng.integers(len(SLEEVE_COLOURS_BGR)))]
+    texture_seed = int(rng.integers(2**31))
+    objects = sample_objects(rng)
+    tracks = {side: _start_track(rng, side) for side in SIDES}
+
+    actions = []
+    for index, (start_cs, stop_cs, narration_ms) in enumerate(sample_action_times(rng, actions_per_video)):
+        target = int(rng.integers(len(objects)))
+        bimanual = rng.random() < BIMANUAL_PROB
+        probe = Action(index, target, (), start_cs, stop_cs, narration_ms, {}, [], {}, [])
+        t_contact, t_release = probe.contact_time, probe.release_time
+        t_reach = t_contact - REACH_S
+        for side in SIDES:
+            _wander_until(rng, tracks[side], side, t_reach)
+        starts = {side: tracks[side].state(t_reach)[0] for side in SIDES}
+        obj = objects[target]
+        if bimanual:
+            sides = SIDES
+        else:
+            dist = {s: float(np.linalg.norm(starts[s] - np.asarray(obj.centre))) for s in SIDES}
+            sides = (min(SIDES, key=lambda s: dist[s]),)
+        grasp = _grasp_points(rng, obj, sides, starts)
+        for side in sides:
+            _add_reach_and_hold(rng, tracks[side], t_reach, t_contact, t_release, grasp[side])
+        actions.append(Action(
+            index=index, target=target, sides=tuple(sides), start_cs=start_cs, stop_cs=stop_cs,
+            narration_ms=narration_ms,
+            grasp={s: (float(grasp[s][0]), float(grasp[s][1])) for s in sides},
+            contact_points=_contact_points(rng, obj, grasp),
+            hand_bbox={s: _hand_bbox(s, grasp[s]) for s in sides},
+            question_purposes=_question_purposes(rng, VOCABULARY[obj.noun], question_probs),
+        ))
+
+    last_release = actions[-1].release_time if actions else 0.0
+    duration = max(last_release, FIRST_ACTION_MIN_S) + _uniform(rng, VIDEO_TAIL_S)
+    num_frames = int(math.ceil(duration * fps))
+    for side in SIDES:
+        _wander_until(rng, tracks[side], side, num_frames / fps + 1.0)
+    return VideoScene(video_index, participant_id, video_id, float(fps), num_frames, counter, skin,
+                      sleeve, texture_seed, objects, actions, tracks)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+# ----------------------------------------------------------------------------------------------
+def _fx(value: float) -> int:
+    """Pixel coordinate -> cv2 fixed point (DRAW_SHIFT fractional bits)."""
+    return int(round(value * DRAW_SCALE))
+
+
+def _pt(x: float, y: float) -> tuple[int, int]:
+    return _fx(x), _fx(y)
+
+
+def _circle(img, centre, radius, colour, thickness=-1) -> None:
+    cv2.circle(img, _pt(*centre), _fx(radius), colour, thickness, cv2.LINE_AA, DRAW_SHIFT)
+
+
+def _rect(img, x0, y0, x1, y1, colour) -> None:
+    pts = np.array([_pt(x0, y0), _pt(x1, y0), _pt(x1, y1), _pt(x0, y1)], dtype=np.int32)
+    cv2.fillPoly(img, [pts], colour, cv2.LINE_AA, DRAW_SHIFT)
+
+
+def _shade(colour, factor: float) -> tuple[int, int, int]:
+    return tuple(int(np.clip(c * factor, 0, 255)) for c in colour)
+
+
+def _draw_cup(img, cx, cy, col) -> None:
+    cv2.circle(img, _pt(cx + 13, cy), _fx(5.5), col, _fx(2.5) // DRAW_SCALE + 2, cv2.LINE_AA, DRAW_SHIFT)
+    _circle(img, (cx - 6, cy), 13, col)
+    _circle(img, (cx - 6, cy), 9, _shade(col, 0.45))  # coffee inside
+
+
+def _draw_plate(img, cx, cy, col) -> None:
+    _circle(img, (cx, cy), 26, col)
+    cv2.circle(img, _pt(cx, cy), _fx(18), _shade(col, 0.82), 1, cv2.LINE_AA, DRAW_SHIFT)
+
+
+def _draw_knife(img, cx, cy, col) -> None:
+    _rect(img, cx - 31, cy - 3, cx + 9, cy + 3, col)
+    _rect(img, cx + 9, cy - 5, cx + 31, cy + 5, (40, 40, 45))
+
+
+def _draw_pan(img, cx, cy, col) -> None:
+    _rect(img, cx + 6, cy - 3, cx + 33, cy + 3, (30, 45, 70))  # handle
+    _circle(img, (cx - 12, cy), 21, col)
+    _circle(img, (cx - 12, cy), 16, _shade(col, 1.7))
+
+
+def _draw_bottle(img, cx, cy, col) -> None:
+    _rect(img, cx - 8, cy - 14, cx + 8, cy + 26, col)
+    _rect(img, cx - 4, cy - 22, cx + 4, cy - 14, _shade(col, 0.75))
+    _rect(img, cx - 5, cy - 26, cx + 5, cy - 21, (230, 230, 230))  # cap
+
+
+def _draw_sponge(img, cx, cy, col) -> None:
+    _rect(img, cx - 16, cy - 11, cx + 16, cy + 11, col)
+    _rect(img, cx - 16, cy - 11, cx + 16, cy - 4, (50, 140, 40))
+
+
+def _draw_bowl(img, cx, cy, col) -> None:
+    _circle(img, (cx, cy), 19, col)
+    _circle(img, (cx, cy), 12, (235, 175, 100))
+
+
+def _draw_kettle(img, cx, cy, col) -> None:
+    spout = np.array([_pt(cx + 5, cy - 5), _pt(cx + 25, cy - 9), _pt(cx + 25, cy - 4), _pt(cx + 5, cy + 5)], np.int32)
+    cv2.fillPoly(img, [spout], _shade(col, 0.8), cv2.LINE_AA, DRAW_SHIFT)
+    _circle(img, (cx - 7, cy), 18, col)
+    _rect(img, cx - 19, cy - 3, cx + 5, cy + 3, (30, 30, 30))  # handle across the lid
+
+
+def _draw_jar(img, cx, cy, col) -> None:
+    _rect(img, cx - 11, cy - 9, cx + 11, cy + 15, col)
+    _rect(img, cx - 12, cy - 15, cx + 12, cy - 8, (40, 170, 210))  # golden lid
+
+
+def _draw_board(img, cx, cy, col) -> None:
+    _rect(img, cx - 29, cy - 18, cx + 29, cy + 18, _shade(col, 0.75))
+    _rect(img, cx - 27, cy - 16, cx + 27, cy + 16, col)
+    _circle(img, (cx + 21, cy - 10), 3, _shade(col, 0.5))
+
+
+def _draw_towel(img, cx, cy, col) -> None:
+    _rect(img, cx - 17, cy - 11, cx + 17, cy + 11, col)
+    for dx in (-8, 2):
+        _rect(img, cx + dx, cy - 11, cx + dx + 4, cy + 11, (245, 245, 245))
+
+
+_DRAWERS = {
+    "cup": _draw_cup, "plate": _draw_plate, "knife": _draw_knife, "pan": _draw_pan,
+    "bottle": _draw_bottle, "sponge": _draw_sponge, "bowl": _draw_bowl, "kettle": _draw_kettle,
+    "jar": _draw_jar, "board:chopping": _draw_board, "towel": _draw_towel,
+}
+
+
+def render_static_layer(scene: VideoScene) -> np.ndarray:
+    """Counter (colour + fixed texture + tiled backsplash) with the objects: uint8 [256, 456, 3] BGR."""
+    rng = np.random.default_rng(scene.texture_seed)
+    noise = rng.normal(0.0, 1.0, size=(FRAME_H, FRAME_W)).astype(np.float32)
+    noise = cv2.GaussianBlur(noise, (0, 0), TEXTURE_BLUR_SIGMA)
+    noise *= TEXTURE_AMPLITUDE / max(float(noise.std()), 1e-6)
+    img = np.asarray(scene.counter_bgr, np.float32)[None, None, :] + noise[:, :, None]
+    splash_h = int(round(BACKSPLASH_HEIGHT_NORM * FRAME_H))
+    tile = _shade(scene.counter_bgr, 1.35)
+    img[:splash_h] = tile
+    img[:splash_h, ::BACKSPLASH_TILE_PX] = _shade(tile, 0.8)
+    img[splash_h - 1:splash_h + 1] = _shade(scene.counter_bgr, 0.6)
+    img = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    for obj in scene.objects:
+        _DRAWERS[obj.noun](img, obj.centre[0], obj.centre[1], VOCABULARY[obj.noun].colour_bgr)
+    return img
+
+
+def _draw_arm(img, scene: VideoScene, side: str, centre) -> None:
+    ax, ay = ARM_ANCHOR_NORM[side]
+    anchor = np.array([ax * FRAME_W, ay * FRAME_H])
+    centre = np.asarray(centre, dtype=np.float64)
+    skin_dark = _shade(scene.skin_bgr, 0.88)
+    cv2.line(img, _pt(*anchor), _pt(*centre), skin_dark, FOREARM_WIDTH_PX, cv2.LINE_AA, DRAW_SHIFT)
+    cuff = anchor + SLEEVE_FRACTION * (centre - anchor)
+    cv2.line(img, _pt(*anchor), _pt(*cuff), scene.sleeve_bgr, SLEEVE_WIDTH_PX, cv2.LINE_AA, DRAW_SHIFT)
+    angle, _ = palm_geometry(side, centre)
+    # Thumb on the inner side (toward the body midline), slightly toward the fingertips.
+    direction = (centre - anchor) / max(float(np.linalg.norm(centre - anchor)), 1e-6)
+    inward = np.array([-direction[1], direction[0]]) * (1.0 if side == "RIGHT" else -1.0)
+    thumb = centre + inward * (HAND_AXES_PX[0] + 1.0) + direction * 3.0
+    cv2.ellipse(img, _pt(*thumb), (_fx(THUMB_AXES_PX[0]), _fx(THUMB_AXES_PX[1])), angle - 25 * np.sign(inward[0] + 1e-9),
+                0, 360, skin_dark, -1, cv2.LINE_AA, DRAW_SHIFT)
+    cv2.ellipse(img, _pt(*centre), (_fx(HAND_AXES_PX[0]), _fx(HAND_AXES_PX[1])), angle, 0, 360,
+                scene.skin_bgr, -1, cv2.LINE_AA, DRAW_SHIFT)
+
+
+def render_frames(scene: VideoScene, static: np.ndarray, times):
+    """Yield one uint8 [256, 456, 3] BGR frame per time in ``times`` (s)."""
+    times = np.asarray(times, dtype=np.float64)
+    hands = scene.hand_positions(times)
+    for i in range(len(times)):
+        img = static.copy()
+        for side in ("LEFT", "RIGHT"):
+            _draw_arm(img, scene, side, hands[side][i])
+        yield img
