@@ -19,6 +19,7 @@ Times are seconds from the start of the video.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import cv2
@@ -62,11 +63,16 @@ CENTISECONDS = 100  # start/stop timestamps have two decimals, like EPIC
 # Hand motion
 # ----------------------------------------------------------------------------------------------
 WANDER_SEGMENT_S = (0.6, 1.0)  # duration of one minimum-jerk wander move
-WANDER_STEP_PX = (10.0, 40.0)  # length of one wander move
+WANDER_STEP_PX = (6.0, 24.0)  # length of one wander move (before the pull toward home)
 WANDER_PAUSE_PROB = 0.25  # probability that a wander "move" is a pause in place
 # Each hand wanders over the active region, the right hand biased right and the left hand left
-# (normalised x range per side; y uses the full active-region range).
+# (normalised x range per side; y uses the full active-region range). Every move also reverts
+# WANDER_REVERSION of the way toward the hand's resting "home", so the hands spend most of their
+# time near the middle of the object layout: knowing where the objects are (but not which one is
+# meant) then says little about where a hand goes next.
 HAND_WANDER_X_NORM = {"RIGHT": (0.36, 0.73), "LEFT": (0.27, 0.64)}
+HAND_HOME_NORM = {"RIGHT": (0.56, 0.47), "LEFT": (0.44, 0.47)}
+WANDER_REVERSION = 0.3
 BIMANUAL_PROB = 0.15  # both hands reach the object's left/right edges
 GRASP_DEPTH = 0.35  # unimanual grasp point: this fraction of the half-size from the centre
 BIMANUAL_EDGE_DEPTH = 0.8  # bimanual grasp points: this fraction of the half-width
@@ -94,10 +100,11 @@ BACKSPLASH_TILE_PX = 24
 SKIN_BGR = (128, 164, 214)
 SKIN_JITTER = 12
 SLEEVE_COLOURS_BGR = ((90, 45, 25), (40, 30, 120), (40, 90, 35), (55, 55, 55), (120, 90, 60))
-HAND_AXES_PX = (12.0, 16.0)  # palm ellipse half-width, half-length (length along the forearm)
+HAND_AXES_PX = (13.0, 17.0)  # palm ellipse half-width, half-length (length along the forearm)
 THUMB_AXES_PX = (4.0, 7.0)
-FOREARM_WIDTH_PX = 20
-SLEEVE_WIDTH_PX = 26
+THUMB_TILT_DEG = 25.0
+FOREARM_WIDTH_PX = 16
+SLEEVE_WIDTH_PX = 22
 SLEEVE_FRACTION = 0.45  # the sleeve covers this fraction of the arm from the frame edge
 # Elbow anchors below the frame: the right arm enters bottom-right, the left arm bottom-left.
 ARM_ANCHOR_NORM = {"RIGHT": (0.80, 1.25), "LEFT": (0.20, 1.25)}
@@ -105,13 +112,13 @@ ARM_ANCHOR_NORM = {"RIGHT": (0.80, 1.25), "LEFT": (0.20, 1.25)}
 # ----------------------------------------------------------------------------------------------
 # Vocabulary: real EPIC-KITCHENS-100 class ids, keys, categories (EPIC_100_{verb,noun}_classes.csv)
 # ----------------------------------------------------------------------------------------------
-VERB_CLASSES = {  # key -> (id, category, first few real instances)
+VERB_CLASSES = {  # key -> (id, category, a few of the real instances)
     "take": (0, "retrieve", ["take", "grab", "pick-up", "get", "fetch"]),
     "put": (1, "leave", ["put", "place", "put-down", "lay", "set-down"]),
     "open": (3, "access", ["open", "open-up", "uncork", "lever-open"]),
     "fill": (26, "merge", ["fill", "fill-up", "fill-from", "fill-with"]),
 }
-NOUN_CLASSES = {  # key -> (id, category, first few real instances)
+NOUN_CLASSES = {  # key -> (id, category, a few of the real instances)
     "plate": (2, "crockery", ["plate", "plate:pasta", "saucer", "dish"]),
     "knife": (4, "cutlery", ["knife", "knife:mincing", "blade", "chopper"]),
     "pan": (5, "cookware", ["pan", "pan:sauce", "pan:frying", "saucepan", "wok"]),
@@ -165,7 +172,7 @@ VOCABULARY: dict[str, ObjectKind] = {
             "knife", "take", "take knife", "grab the blade",
             (("cut the vegetables", "cutting the vegetables"),
              ("slice some bread", "slicing some bread"),
-             ("chop the ingredients", "chopping the ingredients")),
+             ("dice the ingredients", "dicing the ingredients")),
             (31, 5), (185, 185, 190),  # thin grey blade with a dark handle
         ),
         ObjectKind(
@@ -265,6 +272,7 @@ class Track:
     coeffs: list[np.ndarray] = field(default_factory=list)
 
     def append(self, t0: float, duration: float, coeffs: np.ndarray) -> None:
+        """Add a segment starting at ``t0`` (s) with nominal ``duration`` and coefficients [6, 2]."""
         self.starts.append(float(t0))
         self.origins.append(float(t0))
         self.durations.append(float(duration))
@@ -308,7 +316,7 @@ def quintic_to_rest(p0, v0, a0, p1, duration: float) -> np.ndarray:
     """Coefficients [6, 2] (in tau = t / duration) of the minimum-jerk-like quintic from state
     (p0, v0, a0) to rest at p1 (zero velocity and acceleration). With v0 = a0 = 0 this is the
     classic minimum-jerk profile ``p0 + (p1 - p0) (10 tau^3 - 15 tau^4 + 6 tau^5)``."""
-    p0, v0, a0, p1 = (np.asarray(v, dtype=np.float64) for v in (p0, v0, a0, p1))
+    p0, v0, a0, p1 = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in (p0, v0, a0, p1)))
     delta = p1 - p0
     v, a = v0 * duration, a0 * duration**2
     return np.stack([
@@ -325,6 +333,16 @@ def min_jerk_profile(tau) -> np.ndarray:
     """Fraction of the distance covered by a minimum-jerk move at normalised time ``tau``."""
     tau = np.clip(np.asarray(tau, dtype=np.float64), 0.0, 1.0)
     return tau**3 * (10.0 - 15.0 * tau + 6.0 * tau**2)
+
+
+def centiseconds_to_frame(cs: int) -> int:
+    """A two-decimal timestamp -> 60-fps rgb file number, like EPIC (00:00:49.15 -> 2949)."""
+    return int(round(cs * REFERENCE_FPS / CENTISECONDS))
+
+
+def frame_to_seconds(frame: int) -> float:
+    """Time shown by a 60-fps rgb file number (file 1 is t = 0)."""
+    return (frame - 1) / REFERENCE_FPS
 
 
 @dataclass
@@ -344,20 +362,21 @@ class Action:
 
     @property
     def start_frame(self) -> int:
-        return int(round(self.start_cs * REFERENCE_FPS / CENTISECONDS))
+        return centiseconds_to_frame(self.start_cs)
 
     @property
     def stop_frame(self) -> int:
-        return int(round(self.stop_cs * REFERENCE_FPS / CENTISECONDS))
+        return centiseconds_to_frame(self.stop_cs)
 
     @property
     def contact_time(self) -> float:
         """T_c = (start_frame - 1) / 60: the hand reaches the object at this time."""
-        return (self.start_frame - 1) / REFERENCE_FPS
+        return frame_to_seconds(self.start_frame)
 
     @property
     def release_time(self) -> float:
-        return (self.stop_frame - 1) / REFERENCE_FPS
+        """The hand lets go (and resumes wandering) at (stop_frame - 1) / 60."""
+        return frame_to_seconds(self.stop_frame)
 
 
 @dataclass
@@ -422,6 +441,7 @@ def sample_objects(rng: np.random.Generator) -> list[PlacedObject]:
 
 
 def _wander_bounds(side: str) -> tuple[float, float, float, float]:
+    """The box (x0, y0, x1, y1 px) that one hand's wander waypoints stay in."""
     lo, hi = HAND_WANDER_X_NORM[side]
     return lo * FRAME_W, ACTIVE_REGION_PX[1], hi * FRAME_W, ACTIVE_REGION_PX[3]
 
@@ -441,11 +461,10 @@ def _next_waypoint(rng: np.random.Generator, side: str, pos: np.ndarray) -> np.n
         return pos.copy()
     angle = rng.uniform(0.0, 2.0 * math.pi)
     step = _uniform(rng, WANDER_STEP_PX)
+    home = np.asarray(HAND_HOME_NORM[side]) * (FRAME_W, FRAME_H)
+    goal = pos + WANDER_REVERSION * (home - pos) + step * np.array([math.cos(angle), math.sin(angle)])
     x0, y0, x1, y1 = _wander_bounds(side)
-    return np.array([
-        _reflect(pos[0] + step * math.cos(angle), x0, x1),
-        _reflect(pos[1] + step * math.sin(angle), y0, y1),
-    ])
+    return np.array([_reflect(goal[0], x0, x1), _reflect(goal[1], y0, y1)])
 
 
 def _wander_until(rng: np.random.Generator, track: Track, side: str, t: float) -> None:
@@ -458,6 +477,7 @@ def _wander_until(rng: np.random.Generator, track: Track, side: str, t: float) -
 
 
 def _start_track(rng: np.random.Generator, side: str) -> Track:
+    """A track that rests at a random point of the hand's wander box at t = 0."""
     x0, y0, x1, y1 = _wander_bounds(side)
     pos = np.array([rng.uniform(x0, x1), rng.uniform(y0, y1)])
     track = Track()
@@ -523,7 +543,6 @@ def _add_reach_and_hold(rng: np.random.Generator, track: Track, t_reach: float,
     p0, v0, a0 = track.state(t_reach)
     track.truncate_at(t_reach)
     track.append(t_reach, t_contact - t_reach, quintic_to_rest(p0, v0, a0, grasp, t_contact - t_reach))
-    track.starts[-1] = t_reach  # the interrupted wander segment now ends at t_reach
     half_hold = (t_release - t_contact) / 2.0
     angle = rng.uniform(0.0, 2.0 * math.pi)
     wiggle = grasp + _uniform(rng, HOLD_WIGGLE_PX) * np.array([math.cos(angle), math.sin(angle)])
@@ -564,9 +583,21 @@ def _question_purposes(rng: np.random.Generator, kind: ObjectKind, probs) -> lis
     return order[:3]
 
 
+def _active_sides(bimanual: bool, obj: PlacedObject, starts: dict[str, np.ndarray]) -> tuple[str, ...]:
+    """Both hands for a bimanual action, else the hand nearer to the object at reach start."""
+    if bimanual:
+        return SIDES
+    return (min(SIDES, key=lambda s: float(np.linalg.norm(starts[s] - np.asarray(obj.centre)))),)
+
+
 def sample_scene(seed: int, video_index: int, video_id: str, participant_id: str,
                  actions_per_video: int, fps: float, question_probs=(0.1, 0.3)) -> VideoScene:
-    """Sample one video: layout, actions, both hands' motion. Deterministic in (seed, video_index)."""
+    """Sample one video: layout, actions, both hands' motion. Deterministic in (seed, video_index).
+
+    For every action (in time order) both hands first wander up to the reach start T_c - 1 s; the
+    active hand(s) then reach the target during the last second, hold it until the release time
+    and wander on. ``question_probs`` = (P(no RBHP question), P(one question)); else three.
+    """
     rng = np.random.default_rng([seed, video_index])
     counter = tuple(int(np.clip(c + rng.integers(-COUNTER_JITTER, COUNTER_JITTER + 1), 0, 255))
                     for c in COUNTER_COLOURS_BGR[int(rng.integers(len(COUNTER_COLOURS_BGR)))])
@@ -580,18 +611,14 @@ def sample_scene(seed: int, video_index: int, video_id: str, participant_id: str
     for index, (start_cs, stop_cs, narration_ms) in enumerate(sample_action_times(rng, actions_per_video)):
         target = int(rng.integers(len(objects)))
         bimanual = rng.random() < BIMANUAL_PROB
-        probe = Action(index, target, (), start_cs, stop_cs, narration_ms, {}, [], {}, [])
-        t_contact, t_release = probe.contact_time, probe.release_time
+        t_contact = frame_to_seconds(centiseconds_to_frame(start_cs))
+        t_release = frame_to_seconds(centiseconds_to_frame(stop_cs))
         t_reach = t_contact - REACH_S
         for side in SIDES:
             _wander_until(rng, tracks[side], side, t_reach)
         starts = {side: tracks[side].state(t_reach)[0] for side in SIDES}
         obj = objects[target]
-        if bimanual:
-            sides = SIDES
-        else:
-            dist = {s: float(np.linalg.norm(starts[s] - np.asarray(obj.centre))) for s in SIDES}
-            sides = (min(SIDES, key=lambda s: dist[s]),)
+        sides = _active_sides(bimanual, obj, starts)
         grasp = _grasp_points(rng, obj, sides, starts)
         for side in sides:
             _add_reach_and_hold(rng, tracks[side], t_reach, t_contact, t_release, grasp[side])
@@ -639,7 +666,7 @@ def _shade(colour, factor: float) -> tuple[int, int, int]:
 
 
 def _draw_cup(img, cx, cy, col) -> None:
-    cv2.circle(img, _pt(cx + 13, cy), _fx(5.5), col, _fx(2.5) // DRAW_SCALE + 2, cv2.LINE_AA, DRAW_SHIFT)
+    cv2.circle(img, _pt(cx + 13, cy), _fx(5.5), col, 3, cv2.LINE_AA, DRAW_SHIFT)  # handle
     _circle(img, (cx - 6, cy), 13, col)
     _circle(img, (cx - 6, cy), 9, _shade(col, 0.45))  # coffee inside
 
@@ -726,6 +753,8 @@ def render_static_layer(scene: VideoScene) -> np.ndarray:
 
 
 def _draw_arm(img, scene: VideoScene, side: str, centre) -> None:
+    """Forearm (skin, sleeve near the frame edge) from the side's anchor below the frame, then
+    the palm ellipse centred on the hand centre and a thumb on the inner side."""
     ax, ay = ARM_ANCHOR_NORM[side]
     anchor = np.array([ax * FRAME_W, ay * FRAME_H])
     centre = np.asarray(centre, dtype=np.float64)
@@ -738,8 +767,9 @@ def _draw_arm(img, scene: VideoScene, side: str, centre) -> None:
     direction = (centre - anchor) / max(float(np.linalg.norm(centre - anchor)), 1e-6)
     inward = np.array([-direction[1], direction[0]]) * (1.0 if side == "RIGHT" else -1.0)
     thumb = centre + inward * (HAND_AXES_PX[0] + 1.0) + direction * 3.0
-    cv2.ellipse(img, _pt(*thumb), (_fx(THUMB_AXES_PX[0]), _fx(THUMB_AXES_PX[1])), angle - 25 * np.sign(inward[0] + 1e-9),
-                0, 360, skin_dark, -1, cv2.LINE_AA, DRAW_SHIFT)
+    thumb_angle = angle + (THUMB_TILT_DEG if side == "RIGHT" else -THUMB_TILT_DEG)
+    cv2.ellipse(img, _pt(*thumb), (_fx(THUMB_AXES_PX[0]), _fx(THUMB_AXES_PX[1])), thumb_angle, 0, 360,
+                skin_dark, -1, cv2.LINE_AA, DRAW_SHIFT)
     cv2.ellipse(img, _pt(*centre), (_fx(HAND_AXES_PX[0]), _fx(HAND_AXES_PX[1])), angle, 0, 360,
                 scene.skin_bgr, -1, cv2.LINE_AA, DRAW_SHIFT)
 
@@ -753,3 +783,36 @@ def render_frames(scene: VideoScene, static: np.ndarray, times):
         for side in ("LEFT", "RIGHT"):
             _draw_arm(img, scene, side, hands[side][i])
         yield img
+
+
+def init_render_worker() -> None:
+    """Pool initializer: one OpenCV thread per process (parallelism comes from the processes)."""
+    cv2.setNumThreads(1)
+
+
+def write_video_files(scene: VideoScene, mp4_path, rgb_dir=None, jpeg_quality: int = 90) -> None:
+    """Encode the MP4 (mp4v, native fps, t = i / fps) and, if ``rgb_dir`` is given, every 60-fps
+    rgb frame as ``frame_%010d.jpg`` (file n shows t = (n - 1) / 60), like ``ffmpeg -r 60``."""
+
+    static = render_static_layer(scene)
+    mp4_path = Path(mp4_path)
+    mp4_path.parent.mkdir(parents=True, exist_ok=True)
+    writer = cv2.VideoWriter(str(mp4_path), cv2.VideoWriter_fourcc(*"mp4v"), scene.fps, (FRAME_W, FRAME_H))
+    if not writer.isOpened():
+        raise RuntimeError(f"OpenCV cannot open an mp4v writer for {mp4_path}")
+    try:
+        for img in render_frames(scene, static, np.arange(scene.num_frames) / scene.fps):
+            writer.write(img)
+    finally:
+        writer.release()
+    if rgb_dir is None:
+        return
+    rgb_dir = Path(rgb_dir)
+    rgb_dir.mkdir(parents=True, exist_ok=True)
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)]
+    times = np.arange(scene.num_rgb_frames) / REFERENCE_FPS
+    for number, img in enumerate(render_frames(scene, static, times), start=1):
+        ok, buf = cv2.imencode(".jpg", img, params)
+        if not ok:
+            raise RuntimeError(f"JPEG encoding failed for frame {number} of {scene.video_id}")
+        (rgb_dir / f"frame_{number:010d}.jpg").write_bytes(buf.tobytes())

@@ -8,7 +8,6 @@ import pickle
 import shutil
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from pipelines import preprocess
@@ -97,13 +96,12 @@ def test_sample_values_match_the_sources(synth, processed):
         else:
             assert not row["future_valid"][h]
     # rgb_frames are stored byte for byte
-    rgb = samples.filter(samples.column("frame_source") == "rgb_frames").slice(0, 1).to_pylist()[0]
+    rgb = next(r for r in samples.to_pylist() if r["frame_source"] == "rgb_frames")
     on_disk = synth / "EPIC-KITCHENS" / rgb["obs_frame_path"][-1]
     assert rgb["obs_jpeg"][-1] == on_disk.read_bytes()
     # the questions are the ones keyed by the last observed frame
     questions = json.loads((synth / "handsonvlm_assets/ek100_questions.json").read_text())
-    keyed = samples.filter(samples.column("split") == "train").to_pylist()
-    for r in keyed:
+    for r in samples.to_pylist():
         if r["obs_frame_path"][-1] in questions:
             assert r["rbhp_questions"] and r["rbhp_questions"][0] in questions[r["obs_frame_path"][-1]]
     # vectorised tensor reader agrees with to_pylist
@@ -176,8 +174,8 @@ def corrupt_tree(tree):
     info_path.write_text("\n".join(info) + "\n")
     expected.update({n: "fps_mismatch" for n in actions_of(vid[4])})
 
-    train_csv = tree / "annotations" / "EPIC_100_train.csv"
-    header = train_csv.read_text().splitlines()[0]
+    # extra rows go to the *last* split's CSV: rows added to train would shift every validation uid
+    val_csv = tree / "annotations" / "EPIC_100_validation.csv"
     pid5 = vid[5].split("_")[0]
     start = duration5 + 30.0
 
@@ -190,8 +188,8 @@ def corrupt_tree(tree):
         f"{vid[5]}_901,{pid5},{vid[5]},,00:00:1x.00,00:00:12.00,600,700,take cup,take,0,cup,13,['cup'],[13]",
         f"P99_01_0,P99,P99_01,,00:00:10.00,00:00:11.00,600,660,take cup,take,0,cup,13,['cup'],[13]",
     ]
-    first_row = train_csv.read_text().splitlines()[1]
-    train_csv.write_text(train_csv.read_text() + "\n".join(extra + [first_row]) + "\n")
+    first_row = val_csv.read_text().splitlines()[1]
+    val_csv.write_text(val_csv.read_text() + "\n".join(extra + [first_row]) + "\n")
     expected[f"{vid[5]}_900"] = "frame_past_end"
     expected[f"{vid[5]}_901"] = "bad_row"
     expected["P99_01_0"] = "unknown_video"
