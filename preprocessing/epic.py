@@ -197,7 +197,38 @@ def read_video_info(uri: str, quarantine: Quarantine) -> pd.DataFrame:
     return info.set_index("video_id")
 
 
-def read_class_keys(uri: str) -> dict[int, str]:
-    """``EPIC_100_{verb,noun}_classes.csv`` -> {class id: key}."""
-    df = pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype={"id": int, "key": str})
-    return dict(zip(df["id"], df["key"]))
+def read_class_vocab(uri: str) -> dict[int, set[str]]:
+    """``EPIC_100_{verb,noun}_classes.csv`` -> {class id: {key, *instances}} (the words of a class)."""
+    df = pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype={"id": int, "key": str, "instances": str})
+    return {cid: {key, *(_parse_list_literal(inst, str) or [])}
+            for cid, key, inst in zip(df["id"], df["key"], df["instances"])}
+
+
+def quarantine_class_mismatches(actions: pd.DataFrame, classes: dict[str, dict[int, set[str]]], split: str,
+                                quarantine: Quarantine) -> pd.DataFrame:
+    """Drop rows whose verb/noun text is not a word of their class id (a corrupted row)."""
+    bad = np.zeros(len(actions), bool)
+    details = [""] * len(actions)
+    for kind, keys in classes.items():
+        ids, texts = actions[f"{kind}_class"], actions[kind]
+        for i, (cid, text) in enumerate(zip(ids, texts)):
+            if pd.isna(cid) or text is None or bad[i]:
+                continue
+            words = keys.get(int(cid), set())
+            if text not in words:
+                bad[i] = True
+                details[i] = f"{kind} {text!r} is not a word of {kind}_class {int(cid)} ({sorted(words)[:5]}...)"
+    for i in np.flatnonzero(bad):
+        row = actions.iloc[i]
+        quarantine.add(row.narration_id, "bad_row", details[i], split=split, video_id=row.video_id)
+    return actions[~bad].reset_index(drop=True)
+
+
+def action_classes(actions: list[pd.DataFrame]) -> dict[tuple[int, int], int]:
+    """hoi-forecast's action ids: the (verb_class, noun_class) pairs of train + validation, sorted
+    by the *string* ``f"{verb}_{noun}"`` and numbered from 0 (checked against RULSTM's actions.csv)."""
+    pairs = set()
+    for df in actions:
+        ok = df["verb_class"].notna() & df["noun_class"].notna()
+        pairs.update(zip(df.loc[ok, "verb_class"].astype(int), df.loc[ok, "noun_class"].astype(int)))
+    return {pair: i for i, pair in enumerate(sorted(pairs, key=lambda p: f"{p[0]}_{p[1]}"))}

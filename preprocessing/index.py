@@ -99,15 +99,24 @@ def build_index(cfg: IndexConfig) -> IndexResult:
             paraphrases = load_paraphrases(storage.join(cfg.questions, PARAPHRASE_FILE), quarantine)
     labels = HoiLabels(cfg.labels) if cfg.labels else None
 
+    classes = {kind: epic.read_class_vocab(uri) for kind in ("verb", "noun")
+               if storage.exists(uri := storage.join(cfg.annotations, f"EPIC_100_{kind}_classes.csv"))}
     actions, rows_read = {}, {}
     for split in cfg.splits:
         actions[split], rows_read[split] = epic.read_actions(cfg.csv_uri(split), split, quarantine)
+        actions[split] = epic.quarantine_class_mismatches(actions[split], classes, split, quarantine)
     ranges = _split_uid_ranges(cfg, rows_read)
+    # Action ids number the pairs of train + validation, so read the split not being processed too.
+    labelled_splits = [actions[s] if s in actions else epic.read_actions(cfg.csv_uri(s), s, Quarantine("unused"))[0]
+                       for s in ("train", "validation") if s in actions or storage.exists(cfg.csv_uri(s))]
+    action_ids = epic.action_classes(labelled_splits)
 
     tables, stats = {}, {}
     for split in cfg.splits:
         df = actions[split]
         df["hoi_uid"] = df["split_row"].astype(np.int64) + ranges[split][0]
+        df["action_class"] = [action_ids.get((int(v), int(n))) if pd.notna(v) and pd.notna(n) else None
+                              for v, n in zip(df["verb_class"], df["noun_class"])]
         tables[split], stats[split] = _index_split(df, split, rows_read[split], cfg, video_info, questions,
                                                    paraphrases, labels, quarantine)
     if labels is not None and labels.labelled_uids is not None:
@@ -205,6 +214,7 @@ def _index_split(df, split, n_read, cfg, video_info, questions, paraphrases, lab
         "verb_class": pa.array(df["verb_class"].astype("Int16"), pa.int16(), from_pandas=True),
         "noun": pa.array(df["noun"].tolist(), pa.string()),
         "noun_class": pa.array(df["noun_class"].astype("Int16"), pa.int16(), from_pandas=True),
+        "action_class": pa.array(df["action_class"].tolist(), pa.int32()),
         "all_nouns": pa.array(df["all_nouns"].tolist(), pa.list_(pa.string())),
         "all_noun_classes": pa.array(df["all_noun_classes"].tolist(), pa.list_(pa.int16())),
         "native_fps": pa.array(video_info.loc[df["video_id"], "fps"].to_numpy(np.float64)),

@@ -84,6 +84,7 @@ INDEX_FIELDS = [
     pa.field("verb_class", pa.int16()),
     pa.field("noun", pa.string()),
     pa.field("noun_class", pa.int16()),
+    pa.field("action_class", pa.int32()),  # hoi-forecast/RULSTM action id (train + validation pairs)
     pa.field("all_nouns", pa.list_(pa.string())),
     pa.field("all_noun_classes", pa.list_(pa.int16())),
     pa.field("native_fps", pa.float64()),

@@ -182,3 +182,21 @@ def test_label_store_lookup_and_quarantine_reasons(tmp_path):
         with pytest.raises(LabelError) as err:
             store.get(uid, "train")
         assert err.value.reason == reason
+
+
+def test_action_classes_and_class_key_check():
+    import pandas as pd
+
+    df = pd.DataFrame({"verb_class": [0, 1, 0, 10, 0, 0], "noun_class": [0, 0, 10, 0, 2, 0]})
+    ids = epic.action_classes([df])
+    # numbered by the *string* "verb_noun": 0_0 < 0_10 < 0_2 < 10_0 < 1_0
+    assert ids == {(0, 0): 0, (0, 10): 1, (0, 2): 2, (10, 0): 3, (1, 0): 4}
+
+    q = Quarantine("index")
+    actions, _ = epic.read_actions(str(require(EPIC_ANNOTATIONS / "EPIC_100_uda_source_train.csv")), "train", q)
+    classes = {k: epic.read_class_vocab(str(EPIC_ANNOTATIONS / f"EPIC_100_{k}_classes.csv")) for k in ("verb", "noun")}
+    assert len(epic.quarantine_class_mismatches(actions, classes, "train", q)) == len(actions) and len(q) == 0
+    broken = actions.head(3).copy()
+    broken.loc[1, "noun"] = "spaceship"
+    kept = epic.quarantine_class_mismatches(broken, classes, "train", q)
+    assert len(kept) == 2 and q.rows[0].item == broken.narration_id[1] and "spaceship" in q.rows[0].detail

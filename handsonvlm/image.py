@@ -1,0 +1,78 @@
+"""CLIP-style preprocessing of decoded video frames (spec section 3.4), vectorised over frames.
+
+The release feeds every frame through the ``openai/clip-vit-large-patch14`` image processor:
+resize the shortest side to S = 224 (bicubic), centre crop S x S, scale to [0, 1], normalise with
+the CLIP mean/std. ``preprocess_frames`` does the same for a whole clip at once in torch.
+
+Coordinate caveat: the centre crop drops the sides of a wide frame. A 456x256 EPIC frame is
+resized to 399x224 and cropped to its middle 224 columns, so only x in about [100, 356] px of the
+original is visible (normalised x in [0.219, 0.781]; the full height stays visible). The hand
+trajectory labels stay in full-frame coordinates (x/456, y/256) as in the release, so a target can
+lie outside what the vision tower sees.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CLIP_IMAGE_SIZE = 224
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PIXEL_MAX = 255.0
+RGB_CHANNELS = 3
+
+
+def decode_jpegs(jpegs: Sequence[bytes]) -> np.ndarray:
+    """JPEG byte strings (e.g. one row's ``obs_jpeg``) -> uint8 RGB frames [F, H, W, 3].
+
+    All frames must have the same size (true within a clip of the shards).
+    """
+    frames = []
+    for i, data in enumerate(jpegs):
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise ValueError(f"frame {i}: not a decodable JPEG ({len(data)} bytes)")
+        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    if not frames:
+        raise ValueError("no frames to decode")
+    if len({f.shape for f in frames}) != 1:
+        raise ValueError(f"frames differ in size: {sorted({f.shape for f in frames})}")
+    return np.stack(frames)
+
+
+def resized_shape(height: int, width: int, image_size: int) -> tuple[int, int]:
+    """(H, W) after scaling the shortest side to ``image_size`` (long side truncated, as HF's CLIP processor)."""
+    short, long = min(height, width), max(height, width)
+    long_new = int(image_size * long / short)
+    return (image_size, long_new) if height <= width else (long_new, image_size)
+
+
+def preprocess_frames(frames_rgb: np.ndarray, image_size: int = CLIP_IMAGE_SIZE,
+                      mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+    """uint8 RGB frames [F, H, W, 3] -> normalised CLIP pixel values float32 [F, 3, S, S], S = image_size.
+
+    Bicubic resize with antialiasing (as PIL does when downscaling), rounded and clamped to the
+    uint8 range like the processor's intermediate image, then centre crop, /255 and normalise.
+    """
+    frames = np.asarray(frames_rgb)
+    if frames.ndim != 4 or frames.shape[-1] != RGB_CHANNELS:
+        raise ValueError(f"expected frames [F, H, W, 3], got {frames.shape}")
+    num_frames, height, width, _ = frames.shape
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # [F, 3, H, W]
+
+    new_h, new_w = resized_shape(height, width, image_size)
+    if (new_h, new_w) != (height, width):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+        x = x.round().clamp(0.0, PIXEL_MAX)
+
+    top, left = (new_h - image_size) // 2, (new_w - image_size) // 2
+    x = x[:, :, top:top + image_size, left:left + image_size]
+
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, RGB_CHANNELS, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, RGB_CHANNELS, 1, 1)
+    return ((x / PIXEL_MAX - mean_t) / std_t).contiguous()
