@@ -5,10 +5,14 @@ resize the shortest side to S = 224 (bicubic), centre crop S x S, scale to [0, 1
 the CLIP mean/std. ``preprocess_frames`` does the same for a whole clip at once in torch.
 
 Coordinate caveat: the centre crop drops the sides of a wide frame. A 456x256 EPIC frame is
-resized to 399x224 and cropped to its middle 224 columns, so only x in about [100, 356] px of the
-original is visible (normalised x in [0.219, 0.781]; the full height stays visible). The hand
-trajectory labels stay in full-frame coordinates (x/456, y/256) as in the release, so a target can
-lie outside what the vision tower sees.
+resized to 399x224 and cropped to columns [87, 311) (offset floor((399 - 224) / 2), as HF's
+processor), so only x in about [100, 356] px of the original is visible: normalised x in
+[0.219, 0.781] (exactly [0.218, 0.779]); the full height stays visible. The hand trajectory labels
+stay in full-frame coordinates (x/456, y/256) as in the release, so a target can lie outside what
+the vision tower sees.
+
+Agreement with transformers' PIL ``CLIPImageProcessor``: within one grey level on natural images
+(PIL resamples in fixed point, one axis at a time, so pixel noise can differ more).
 """
 
 from __future__ import annotations

@@ -134,11 +134,10 @@ class VisionTower(nn.Module):
             raise ValueError(f"expected pixel_values [N, 3, S, S], got {tuple(pixel_values.shape)}")
         chunk_size = chunk_size or self.chunk_size
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
-        outputs = [self._encode(chunk) for chunk in pixel_values.split(chunk_size)]
-        if not outputs:  # N == 0
+        if len(pixel_values) == 0:
             num_tokens = self.num_patches + (NUM_CLS_TOKENS if self.select_feature == "cls_patch" else 0)
             return pixel_values.new_empty(0, num_tokens, self.hidden_size)
-        return torch.cat(outputs)
+        return torch.cat([self._encode(chunk) for chunk in pixel_values.split(chunk_size)])
 
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.select_layer]

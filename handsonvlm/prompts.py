@@ -1,0 +1,100 @@
+"""Conversation templates and HandsOnVLM's question/answer templates.
+
+The release trains with the ``vicuna_v1`` template (its ``--version vicuna-v1-3-7b`` is not a key of
+LLaVA's templates, so training falls back to it) and evaluates with ``llava_v0`` unless a
+``--conv-mode`` is given: a mismatch. Both modes here use ``vicuna_v1`` everywhere; ``llava_v0`` is
+kept to reproduce the release's evaluator on request (docs/MODEL.md).
+
+The question/answer wordings follow the release's ``handsonvlm/constants.py`` (spec §1.2); ``{}``
+is filled with the narration, ``{hands}`` with the hand tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Template:
+    system: str
+    user: str
+    assistant: str
+    sep: str  # after the system text and after each user turn
+    sep2: str  # after each assistant turn (the end-of-sequence text for vicuna_v1)
+
+    def render(self, turns: list[tuple[str, str | None]]) -> list[tuple[str, bool]]:
+        """Pieces of the conversation text, each flagged True where it is supervised.
+
+        ``turns``: (user message, assistant answer or None for the open generation prompt).
+        Only the assistant answers and their closing ``sep2`` are supervised, as in LLaVA's
+        ``preprocess_v1``.
+        """
+        pieces = [(self.system + self.sep, False)]
+        for user_text, answer in turns:
+            pieces.append((f"{self.user}: {user_text}{self.sep}{self.assistant}:", False))
+            if answer is not None:
+                pieces.append((f" {answer}{self.sep2}", True))
+        return pieces
+
+
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+TEMPLATES = {
+    "vicuna_v1": Template(VICUNA_SYSTEM, "USER", "ASSISTANT", " ", "</s>"),
+    # LLaVA's v0 template, which the released evaluator picked by mistake for "handsonvlm-7b".
+    "llava_v0": Template("A chat between a curious human and an artificial intelligence assistant. "
+                         "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+                         "Human", "Assistant", "###", "###"),
+}
+
+# VHP: the question names the action.
+ACTION_QUESTIONS = (
+    "Where should my hand move to if I want to {}?",
+    "Can you provide the hand trajectory for {}?",
+    "What is the recommended hand movement for {}?",
+)
+ACTION_ANSWERS = (
+    "Certainly! The hand trajectory for {narration} is as follows: {hands}.",
+    "To {narration}, the recommended hand trajectory is: {hands}.",
+)
+# Questions that name no action (VHP modes 1-3 and RBHP answers).
+GENERAL_QUESTIONS = (
+    "What is the future hand trajectory in this video?",
+    "Can you predict where the hands will move next?",
+    "How will the hands move in the next second?",
+)
+TRAJECTORY_ANSWERS = (
+    "The hand trajectory for this action is as follows: {hands}.",
+    "The predicted hand trajectory is: {hands}.",
+)
+ACTION_PREDICTION_QUESTIONS = (
+    "What action is going to happen in this video?",
+    "What will the person do next?",
+)
+ACTION_PREDICTION_ANSWERS = (
+    "The predicted action in this video is {narration}.",
+    "The action that is going to happen in this video is {narration}.",
+)
+FOLLOW_UP_TRAJECTORY_QUESTIONS = (
+    "What is the hand trajectory for doing this?",
+    "Where should my hands move to do this?",
+)
+
+
+def hand_tokens(hand_token: str, count: int) -> str:
+    """The hand tokens of an answer, concatenated without spaces as in the release."""
+    return hand_token * count
+
+
+def image_prompt(question: str, image_token: str) -> str:
+    """The first user message: the visual placeholder on its own line, then the question."""
+    return f"{image_token}\n{question}"
+
+
+def tokenizer_corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on: every template, rendered."""
+    lines = [VICUNA_SYSTEM, TEMPLATES["llava_v0"].system, "USER: ASSISTANT: Human: Assistant: ###"]
+    for group in (ACTION_QUESTIONS, ACTION_ANSWERS, GENERAL_QUESTIONS, TRAJECTORY_ANSWERS,
+                  ACTION_PREDICTION_QUESTIONS, ACTION_PREDICTION_ANSWERS, FOLLOW_UP_TRAJECTORY_QUESTIONS):
+        lines.extend(t.replace("{}", "").replace("{narration}", "").replace("{hands}", "") for t in group)
+    return lines

@@ -1,0 +1,107 @@
+"""Tokenizer set-up: LITA time tokens, the ``<hand_traj>`` token, and the tiny CPU tokenizer.
+
+Token ids are always resolved from the tokenizer (``<hand_traj>`` is 32100 for Vicuna only
+because of the order in which tokens were added; nothing here assumes it).
+
+The tiny preset needs a tokenizer without network access: a byte-level BPE (so any text encodes)
+trained on the prompt templates and a kitchen vocabulary, stored in ``configs/tokenizers/tiny``
+and rebuilt reproducibly with ``python -m handsonvlm.tokens --build-tiny``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from handsonvlm.config import CONFIG_DIR, ModelConfig
+from handsonvlm.prompts import tokenizer_corpus
+
+TINY_TOKENIZER_DIR = CONFIG_DIR / "tokenizers" / "tiny"
+TINY_VOCAB_SIZE = 1024
+BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+# A kitchen vocabulary so that the tiny tokenizer has whole-word pieces for the data's words.
+KITCHEN_WORDS = """
+take put wash open close insert turn-on cut turn-off pour mix move remove throw dry shake scoop adjust squeeze
+peel empty press flip turn check scrape apply fill fold hold fit lift rub stir transition pick get grab set
+unscrew screw pull push slide place return rinse clean wipe scrub fry boil cook heat chop slice dice serve
+drink eat sip spread reach use make prepare water tea coffee milk juice oil vinegar sauce salt pepper sugar
+tap spoon plate cupboard knife pan lid bowl drawer sponge glass hand fridge cup fork bottle onion cloth board
+chopping bag spatula container liquid washing soap towel kettle jar egg bread cheese butter meat vegetable
+potato tomato carrot garlic rice pasta dish pot sink counter table stove oven microwave bin box paper tray
+mug blade scrubber cereal batter soup honey toast jam pickles prep surface wooden frying dinner meal thirst
+something some the a an my me to for of with into onto on in from off up down out over under left right
+hands hand trajectory move where should if want can you provide what is recommended movement next second
+red green blue yellow white black brown pink purple orange grey small large tall round flat
+""".split()
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Ids the model needs, resolved from the tokenizer."""
+
+    hand: int
+    eos: int
+    pad: int
+    bos: int | None
+    time_tokens: tuple[int, ...]
+
+
+def build_tiny_tokenizer(out_dir: Path = TINY_TOKENIZER_DIR, vocab_size: int = TINY_VOCAB_SIZE):
+    """Train the tiny byte-level BPE tokenizer deterministically and save it to ``out_dir``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = tokenizer_corpus() + [" ".join(KITCHEN_WORDS)] + KITCHEN_WORDS
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[UNK, BOS, EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, unk_token=UNK,
+                                   pad_token=UNK)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def load_tokenizer(cfg: ModelConfig):
+    """The model's tokenizer with LITA time tokens and the hand token added (as the release does:
+    plain ``add_tokens``, time tokens first), right padding, pad = unk."""
+    from transformers import AutoTokenizer
+
+    source = cfg.lm.tokenizer or cfg.lm.pretrained or str(TINY_TOKENIZER_DIR)
+    if not Path(source).exists():
+        raise FileNotFoundError(f"tokenizer directory {source} does not exist (weights are only read from local paths)")
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    tokenizer.model_max_length = cfg.max_length
+    time_tokens = [f"<t{i}>" for i in range(cfg.num_time_tokens)]
+    missing = [t for t in time_tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing)
+    if cfg.hand_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([cfg.hand_token])
+    return tokenizer
+
+
+def special_tokens(tokenizer, cfg: ModelConfig) -> SpecialTokens:
+    ids = tokenizer.convert_tokens_to_ids([cfg.hand_token] + [f"<t{i}>" for i in range(cfg.num_time_tokens)])
+    return SpecialTokens(hand=ids[0], eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id,
+                         bos=tokenizer.bos_token_id, time_tokens=tuple(ids[1:]))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Build the tiny tokenizer shipped in configs/tokenizers/tiny")
+    parser.add_argument("--build-tiny", action="store_true", required=True)
+    parser.add_argument("--out", default=str(TINY_TOKENIZER_DIR))
+    args = parser.parse_args(argv)
+    tok = build_tiny_tokenizer(Path(args.out))
+    print(f"wrote {args.out} (vocab {len(tok)})")
+
+
+if __name__ == "__main__":
+    main()
