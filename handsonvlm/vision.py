@@ -69,13 +69,13 @@ class VisionTower(nn.Module):
         if pretrained is not None:
             if not os.path.isdir(pretrained):
                 raise FileNotFoundError(f"pretrained must be a local directory, got {pretrained!r}")
-            self.model = CLIPVisionModel.from_pretrained(os.fspath(pretrained), local_files_only=True)
+            self.encoder = CLIPVisionModel.from_pretrained(os.fspath(pretrained), local_files_only=True)
         else:
-            self.model = CLIPVisionModel(CLIPVisionConfig(**config))
+            self.encoder = CLIPVisionModel(CLIPVisionConfig(**config))
         if dtype is not None:
-            self.model.to(dtype)
+            self.encoder.to(dtype)
 
-        num_hidden_states = self.model.config.num_hidden_layers + 1  # embeddings + every layer
+        num_hidden_states = self.encoder.config.num_hidden_layers + 1  # embeddings + every layer
         if not -num_hidden_states <= select_layer < num_hidden_states:
             raise ValueError(f"select_layer {select_layer} out of range for {num_hidden_states} hidden states")
         self.select_layer = select_layer
@@ -92,7 +92,7 @@ class VisionTower(nn.Module):
     # ---- sizes -------------------------------------------------------------------------------
     @property
     def config(self) -> CLIPVisionConfig:
-        return self.model.config
+        return self.encoder.config
 
     @property
     def hidden_size(self) -> int:
@@ -116,11 +116,11 @@ class VisionTower(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.dtype
+        return self.encoder.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        return self.encoder.device
 
     # ---- forward -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -140,7 +140,7 @@ class VisionTower(nn.Module):
         return torch.cat([self._encode(chunk) for chunk in pixel_values.split(chunk_size)])
 
     def _encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.select_layer]
+        hidden = self.encoder(pixel_values=pixel_values, output_hidden_states=True).hidden_states[self.select_layer]
         return hidden[:, NUM_CLS_TOKENS:] if self.select_feature == "patch" else hidden
 
 

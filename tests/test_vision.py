@@ -60,7 +60,7 @@ def test_tower_shapes(tower):
 def test_tower_selects_penultimate_layer(tower):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        hidden = tower.model(pixel_values=x, output_hidden_states=True).hidden_states
+        hidden = tower.encoder(pixel_values=x, output_hidden_states=True).hidden_states
     assert len(hidden) == TINY_CLIP["num_hidden_layers"] + 1
     torch.testing.assert_close(tower(x), hidden[-2][:, 1:])
 
@@ -68,7 +68,7 @@ def test_tower_selects_penultimate_layer(tower):
 def test_tower_is_frozen(tower, projector):
     assert all(not p.requires_grad for p in tower.parameters())
     tower.train()
-    assert not tower.training and not tower.model.training
+    assert not tower.training and not tower.encoder.training
     assert all(not m.training for m in tower.modules())
     wrapper = nn.ModuleDict(dict(tower=tower, projector=projector)).train()
     assert projector.training and not tower.training
@@ -170,7 +170,7 @@ def test_video_tokens_rejects_bad_tiling():
 
 
 def test_pretrained_from_local_directory(tmp_path, tower):
-    tower.model.save_pretrained(tmp_path / "vision")
+    tower.encoder.save_pretrained(tmp_path / "vision")
     loaded = VisionTower(pretrained=tmp_path / "vision")
     assert not loaded.training and all(not p.requires_grad for p in loaded.parameters())
     x = torch.randn(2, 3, 64, 64)

@@ -1,0 +1,383 @@
+"""Released HandsOnVLM checkpoint (``HandsOnVLMForCausalLM``) -> our ``HandsOnVLM`` module layout.
+
+Provenance: key names derived by reading ``Kami-code/HandsOnVLM-release`` at commit 89b7721:
+``handsonvlm/model/language_model/handsonvlm.py`` (``HandsOnVLMForCausalLM.__init__``),
+``handsonvlm/model/language_model/lita_llama_encoder.py`` (``self.model = LlavaLlamaModel``),
+``handsonvlm/model/language_model/lita_llama_hoi_encoder.py`` (``bbox_to_feature``, ``feat_fusion``,
+``downproject``), ``handsonvlm/model/language_model/traj_decoder.py`` (``CVAETrajDecoder`` holds the
+``TrajCVAE`` as ``.hand_traj_decoder``), ``hoi_forecast/architecture/traj_decoder.py`` (``TrajCVAE.cvae``,
+``TrajMLP.mlp``), ``hoi_forecast/architecture/decoder_modules.py`` (``VAE``: ``enc_MLP``,
+``linear_means``, ``linear_log_var``, ``dec_MLP``), ``llava/model/llava_arch.py`` (``vision_tower``,
+``mm_projector``), ``llava/model/multimodal_encoder/clip_encoder.py`` (``CLIPVisionTower.vision_tower``
+= HF ``CLIPVisionModel``), ``handsonvlm/model/builder.py`` and ``handsonvlm/train/train.py``.
+The released weights themselves (HF ``Kami-code/handsonvlm-7b``/``-13b``) were not available here.
+
+Who is in the released state dict. ``HandsOnVLMForCausalLM.__init__`` skips
+``LitaLlamaForCausalLM_hoi.__init__`` (so no ``oct_decoder``/``affordance_decoder``/``last_obs_*``)
+but runs ``LitaLlamaForCausalLM_hoi_encoder.__init__`` (so ``bbox_to_feature``, ``feat_fusion``,
+``downproject`` exist), then adds ``lm_head``, ``hand_traj_decoder``,
+``hand_traj_positional_embedding`` and the ``time_embedding`` parameter. ``added_modules`` is a plain
+Python list (no duplicate keys). ``train.py`` saves the whole model with ``trainer.save_model``, and
+``builder.py`` loads CLIP into the model first and then calls ``load_sharded_checkpoint(strict=True)``,
+so the released shards must also contain the frozen CLIP tower under
+``model.vision_tower.vision_tower.vision_model.*`` (an fp16 copy of ``openai/clip-vit-large-patch14``).
+By default we DROP it and load CLIP separately; ``include_vision=True`` maps it instead.
+
+Mapping rules (first match wins; D = hidden size, V = 32101, Dc = D/2, C = 1024 CLIP width):
+
+| released key                                                   | ours                               | shape             |
+| -------------------------------------------------------------- | ---------------------------------- | ----------------- |
+| model.embed_tokens.weight                                      | lm.model.embed_tokens.weight       | [V, D]            |
+| model.layers.{i}.self_attn.rotary_emb.inv_freq                 | dropped (buffer, if saved)         | [head_dim/2]      |
+| model.layers.{i}.self_attn.{q,k,v,o}_proj.weight               | lm.model.layers.{i}.<same>         | [D, D]            |
+| model.layers.{i}.mlp.{gate,up,down}_proj.weight                | lm.model.layers.{i}.<same>         | [F, D] / [D, F]   |
+| model.layers.{i}.{input,post_attention}_layernorm.weight       | lm.model.layers.{i}.<same>         | [D]               |
+| model.norm.weight                                              | lm.model.norm.weight               | [D]               |
+| lm_head.weight                                                 | lm.lm_head.weight                  | [V, D]            |
+| model.mm_projector.{weight,bias}                               | projector.{weight,bias}            | [D, C], [D]       |
+| model.vision_tower.vision_tower.vision_model.embeddings.position_ids | dropped (buffer, if saved)   | [1, 257]          |
+| model.vision_tower.vision_tower.vision_model.<rest>            | vision.encoder.<rest> if include_vision, else dropped |  |
+| hand_traj_decoder.hand_traj_decoder.cvae.enc_MLP.0.{w,b}       | traj_decoder.enc_in.{w,b}          | [512, 2+Dc]       |
+| hand_traj_decoder.hand_traj_decoder.cvae.linear_means.{w,b}    | traj_decoder.enc_mu.{w,b}          | [256, 512]        |
+| hand_traj_decoder.hand_traj_decoder.cvae.linear_log_var.{w,b}  | traj_decoder.enc_logvar.{w,b}      | [256, 512]        |
+| hand_traj_decoder.hand_traj_decoder.cvae.dec_MLP.0.{w,b}       | traj_decoder.dec_in.{w,b}          | [512, 256+Dc]     |
+| hand_traj_decoder.hand_traj_decoder.cvae.dec_MLP.2.{w,b}       | traj_decoder.dec_out.{w,b}         | [2, 512]          |
+| hand_traj_decoder.hand_traj_decoder.mlp.{0,2,4}.{w,b} (MLP run) | traj_decoder.{fc1,fc2,fc_out}.{w,b} | [512,Dc],[512,512],[2,512] |
+| hand_traj_positional_embedding.{weight,bias}                   | dropped (unused)                   | [Dc, 2], [Dc]     |
+| time_embedding                                                 | dropped (unused)                   | [20, D]           |
+| bbox_to_feature.{0,2}.{weight,bias}                            | dropped (unused)                   | [32,4],[64,32]    |
+| feat_fusion.0.{weight,bias}                                    | dropped (unused)                   | [1024, 1088]      |
+| downproject.{weight,bias}                                      | dropped (unused)                   | [1024, 1024]      |
+
+The two buffers are recomputed at construction; whether a checkpoint holds them depends on the
+transformers version that wrote it (persistent vs non-persistent buffers), so both are tolerated.
+Anything else raises ``UnknownReleaseKeyError`` naming the keys. ``ours_to_release`` inverts the
+mapped rows (dropped keys cannot be recreated). Our CLIP lives at ``vision.encoder.*``:
+``handsonvlm.vision.VisionTower`` holds the HF ``CLIPVisionModel`` as ``.encoder``, and transformers 5's
+``CLIPVisionModel`` has no ``vision_model.`` level, so the release's ``vision_model.`` is stripped
+(``OURS_VISION_PREFIX``).
+
+Vocabulary: the release appends ``<t0>``..``<t99>`` (ids 32000-32099, LITA time tokens) and then
+``<hand_traj>`` (id 32100) to Vicuna's 32000-token vocabulary. ``check_release_vocab`` verifies that
+through ``tokenizer.convert_tokens_to_ids``; model code must look the ids up, never hard-code them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable, Mapping, NamedTuple
+
+import torch
+
+# ---- release vocabulary -------------------------------------------------------------------------
+RELEASE_BASE_VOCAB_SIZE = 32000  # Vicuna v1.3 / LLaMA
+RELEASE_NUM_TIME_TOKENS = 100  # LITA num_time_tokens
+TIME_TOKEN_TEMPLATE = "<t{t}>"
+HAND_TOKEN = "<hand_traj>"
+RELEASE_HAND_TOKEN_ID = RELEASE_BASE_VOCAB_SIZE + RELEASE_NUM_TIME_TOKENS  # 32100
+RELEASE_VOCAB_SIZE = RELEASE_HAND_TOKEN_ID + 1  # 32101
+
+# ---- release module sizes (shape arithmetic; see release_decoder_shapes) -------------------------
+RELEASE_DECODER_HIDDEN = 512
+RELEASE_DECODER_LATENT = 256
+POINT_DIM = 2
+RELEASE_COORD_DIM = 64  # lita_llama_hoi_encoder.coord_dim
+RELEASE_BBOX_DIM = 4
+RELEASE_FUSION_DIM = 1024  # feat_fusion / downproject width (CLIP width in the hoi variant)
+RELEASE_TIME_EMBEDDING_LEN = 20  # handsonvlm.py: max_len = 20
+
+# ---- key prefixes ---------------------------------------------------------------------------------
+RELEASE_DECODER_PREFIX = "hand_traj_decoder.hand_traj_decoder."
+RELEASE_CLIP_PREFIX = "model.vision_tower.vision_tower.vision_model."
+OURS_VISION_PREFIX = "vision.encoder."
+OURS_DECODER_PREFIX = "traj_decoder."
+
+_LLAMA_LAYER_LEAF = (r"(self_attn\.[qkvo]_proj\.weight|mlp\.(?:gate|up|down)_proj\.weight"
+                     r"|input_layernorm\.weight|post_attention_layernorm\.weight)")
+_WB = r"(weight|bias)"
+
+
+class Rule(NamedTuple):
+    """``pattern`` (full match on the released key) -> ``replacement`` (``re`` template; None = drop)."""
+
+    pattern: str
+    replacement: str | None
+    group: str  # lm | projector | vision | traj_decoder | unused | buffer
+
+
+_RD = re.escape(RELEASE_DECODER_PREFIX)
+_RC = re.escape(RELEASE_CLIP_PREFIX)
+_OD = re.escape(OURS_DECODER_PREFIX)
+
+RELEASE_TO_OURS: list[Rule] = [
+    Rule(r"model\.embed_tokens\.weight", "lm.model.embed_tokens.weight", "lm"),
+    Rule(r"model\.layers\.(\d+)\.self_attn\.rotary_emb\.inv_freq", None, "buffer"),
+    Rule(rf"model\.layers\.(\d+)\.{_LLAMA_LAYER_LEAF}", r"lm.model.layers.\1.\2", "lm"),
+    Rule(r"model\.norm\.weight", "lm.model.norm.weight", "lm"),
+    Rule(r"lm_head\.weight", "lm.lm_head.weight", "lm"),
+    Rule(rf"model\.mm_projector\.{_WB}", r"projector.\1", "projector"),
+    Rule(rf"{_RC}embeddings\.position_ids", None, "buffer"),
+    Rule(rf"{_RC}(.+)", OURS_VISION_PREFIX + r"\1", "vision"),
+    Rule(rf"{_RD}cvae\.enc_MLP\.0\.{_WB}", OURS_DECODER_PREFIX + r"enc_in.\1", "traj_decoder"),
+    Rule(rf"{_RD}cvae\.linear_means\.{_WB}", OURS_DECODER_PREFIX + r"enc_mu.\1", "traj_decoder"),
+    Rule(rf"{_RD}cvae\.linear_log_var\.{_WB}", OURS_DECODER_PREFIX + r"enc_logvar.\1", "traj_decoder"),
+    Rule(rf"{_RD}cvae\.dec_MLP\.0\.{_WB}", OURS_DECODER_PREFIX + r"dec_in.\1", "traj_decoder"),
+    Rule(rf"{_RD}cvae\.dec_MLP\.2\.{_WB}", OURS_DECODER_PREFIX + r"dec_out.\1", "traj_decoder"),
+    Rule(rf"{_RD}mlp\.0\.{_WB}", OURS_DECODER_PREFIX + r"fc1.\1", "traj_decoder"),
+    Rule(rf"{_RD}mlp\.2\.{_WB}", OURS_DECODER_PREFIX + r"fc2.\1", "traj_decoder"),
+    Rule(rf"{_RD}mlp\.4\.{_WB}", OURS_DECODER_PREFIX + r"fc_out.\1", "traj_decoder"),
+    Rule(rf"hand_traj_positional_embedding\.{_WB}", None, "unused"),
+    Rule(r"time_embedding", None, "unused"),
+    Rule(rf"bbox_to_feature\.[02]\.{_WB}", None, "unused"),
+    Rule(rf"feat_fusion\.0\.{_WB}", None, "unused"),
+    Rule(rf"downproject\.{_WB}", None, "unused"),
+]
+
+OURS_TO_RELEASE: list[tuple[str, str]] = [
+    (r"lm\.model\.embed_tokens\.weight", "model.embed_tokens.weight"),
+    (rf"lm\.model\.layers\.(\d+)\.{_LLAMA_LAYER_LEAF}", r"model.layers.\1.\2"),
+    (r"lm\.model\.norm\.weight", "model.norm.weight"),
+    (r"lm\.lm_head\.weight", "lm_head.weight"),
+    (rf"projector\.{_WB}", r"model.mm_projector.\1"),
+    (rf"{re.escape(OURS_VISION_PREFIX)}(.+)", RELEASE_CLIP_PREFIX + r"\1"),
+    (rf"{_OD}enc_in\.{_WB}", RELEASE_DECODER_PREFIX + r"cvae.enc_MLP.0.\1"),
+    (rf"{_OD}enc_mu\.{_WB}", RELEASE_DECODER_PREFIX + r"cvae.linear_means.\1"),
+    (rf"{_OD}enc_logvar\.{_WB}", RELEASE_DECODER_PREFIX + r"cvae.linear_log_var.\1"),
+    (rf"{_OD}dec_in\.{_WB}", RELEASE_DECODER_PREFIX + r"cvae.dec_MLP.0.\1"),
+    (rf"{_OD}dec_out\.{_WB}", RELEASE_DECODER_PREFIX + r"cvae.dec_MLP.2.\1"),
+    (rf"{_OD}fc1\.{_WB}", RELEASE_DECODER_PREFIX + r"mlp.0.\1"),
+    (rf"{_OD}fc2\.{_WB}", RELEASE_DECODER_PREFIX + r"mlp.2.\1"),
+    (rf"{_OD}fc_out\.{_WB}", RELEASE_DECODER_PREFIX + r"mlp.4.\1"),
+]
+
+_COMPILED_RELEASE = [(re.compile(rule.pattern), rule) for rule in RELEASE_TO_OURS]
+_COMPILED_OURS = [(re.compile(pattern), replacement) for pattern, replacement in OURS_TO_RELEASE]
+_MAX_KEYS_IN_ERROR = 20
+
+
+class UnknownReleaseKeyError(ValueError):
+    """A key matched no mapping rule (neither mapped nor deliberately dropped)."""
+
+    def __init__(self, keys: Iterable[str], direction: str = "released"):
+        self.keys = sorted(keys)
+        shown = ", ".join(self.keys[:_MAX_KEYS_IN_ERROR])
+        more = f" (+{len(self.keys) - _MAX_KEYS_IN_ERROR} more)" if len(self.keys) > _MAX_KEYS_IN_ERROR else ""
+        super().__init__(f"{len(self.keys)} {direction} key(s) match no rule in handsonvlm.compat: {shown}{more}")
+
+
+def _match_release(key: str) -> tuple[Rule, re.Match] | None:
+    for compiled, rule in _COMPILED_RELEASE:
+        match = compiled.fullmatch(key)
+        if match is not None:
+            return rule, match
+    return None
+
+
+def release_to_ours(state_dict: Mapping[str, torch.Tensor], include_vision: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename a released state dict into our layout.
+
+    Returns (mapped, dropped): ``mapped`` has our names (tensors are not copied), ``dropped`` the
+    sorted released keys deliberately ignored (unused modules, non-persistent buffers and, unless
+    ``include_vision``, the CLIP tower). Raises ``UnknownReleaseKeyError`` naming any other key.
+    """
+    mapped: dict[str, torch.Tensor] = {}
+    dropped: list[str] = []
+    unknown: list[str] = []
+    for key, tensor in state_dict.items():
+        found = _match_release(key)
+        if found is None:
+            unknown.append(key)
+            continue
+        rule, match = found
+        if rule.replacement is None or (rule.group == "vision" and not include_vision):
+            dropped.append(key)
+            continue
+        new_key = match.expand(rule.replacement)
+        if new_key in mapped:
+            raise ValueError(f"two released keys map to {new_key!r}")
+        mapped[new_key] = tensor
+    if unknown:
+        raise UnknownReleaseKeyError(unknown)
+    return mapped, sorted(dropped)
+
+
+def ours_to_release(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Inverse of ``release_to_ours`` for the mapped keys; raises on keys outside the mapping."""
+    out: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for key, tensor in state_dict.items():
+        for compiled, replacement in _COMPILED_OURS:
+            match = compiled.fullmatch(key)
+            if match is not None:
+                out[match.expand(replacement)] = tensor
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise UnknownReleaseKeyError(unknown, direction="our")
+    return out
+
+
+# ---- shapes of the release's non-LLaMA, non-CLIP parameters (shape arithmetic) -------------------
+
+def release_decoder_shapes(hidden_size: int, kind: str = "cvae", hidden: int = RELEASE_DECODER_HIDDEN,
+                           latent: int = RELEASE_DECODER_LATENT) -> dict[str, tuple[int, ...]]:
+    """Released key -> shape of the trajectory decoder for LLM width D = ``hidden_size`` (Dc = D/2)."""
+    cond = hidden_size // 2
+    p = RELEASE_DECODER_PREFIX
+    if kind == "cvae":
+        layers = {"cvae.enc_MLP.0": (hidden, POINT_DIM + cond), "cvae.linear_means": (latent, hidden),
+                  "cvae.linear_log_var": (latent, hidden), "cvae.dec_MLP.0": (hidden, latent + cond),
+                  "cvae.dec_MLP.2": (POINT_DIM, hidden)}
+    elif kind == "mlp":
+        layers = {"mlp.0": (hidden, cond), "mlp.2": (hidden, hidden), "mlp.4": (POINT_DIM, hidden)}
+    else:
+        raise ValueError(f"unknown decoder kind {kind!r}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, (out_features, in_features) in layers.items():
+        shapes[f"{p}{name}.weight"] = (out_features, in_features)
+        shapes[f"{p}{name}.bias"] = (out_features,)
+    return shapes
+
+
+def release_unused_shapes(hidden_size: int) -> dict[str, tuple[int, ...]]:
+    """Released key -> shape of the modules that exist in the checkpoint but never get a gradient."""
+    half_coord = RELEASE_COORD_DIM // 2
+    return {
+        "hand_traj_positional_embedding.weight": (hidden_size // 2, POINT_DIM),
+        "hand_traj_positional_embedding.bias": (hidden_size // 2,),
+        "time_embedding": (RELEASE_TIME_EMBEDDING_LEN, hidden_size),
+        "bbox_to_feature.0.weight": (half_coord, RELEASE_BBOX_DIM),
+        "bbox_to_feature.0.bias": (half_coord,),
+        "bbox_to_feature.2.weight": (RELEASE_COORD_DIM, half_coord),
+        "bbox_to_feature.2.bias": (RELEASE_COORD_DIM,),
+        "feat_fusion.0.weight": (RELEASE_FUSION_DIM, RELEASE_FUSION_DIM + RELEASE_COORD_DIM),
+        "feat_fusion.0.bias": (RELEASE_FUSION_DIM,),
+        "downproject.weight": (RELEASE_FUSION_DIM, RELEASE_FUSION_DIM),
+        "downproject.bias": (RELEASE_FUSION_DIM,),
+    }
+
+
+# ---- reading the released files --------------------------------------------------------------------
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+BIN_INDEX = "pytorch_model.bin.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_GLOB = "pytorch_model*.bin"
+ADDED_TOKENS_FILE = "added_tokens.json"
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device="cpu")
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only=True: tensors and plain containers only, never arbitrary pickled objects.
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    return state
+
+
+def _merge(target: dict[str, torch.Tensor], part: Mapping[str, torch.Tensor], source: Path) -> None:
+    clash = target.keys() & part.keys()
+    if clash:
+        raise ValueError(f"{source} repeats {len(clash)} key(s) already loaded, e.g. {sorted(clash)[0]!r}")
+    target.update(part)
+
+
+def _load_indexed(directory: Path, index_name: str, loader) -> dict[str, torch.Tensor]:
+    index = json.loads((directory / index_name).read_text())
+    weight_map: dict[str, str] = index["weight_map"]
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if Path(shard).name != shard:
+            raise ValueError(f"{index_name} names a shard outside the directory: {shard!r}")
+        _merge(state, loader(directory / shard), directory / shard)
+    missing = weight_map.keys() - state.keys()
+    extra = state.keys() - weight_map.keys()
+    if missing or extra:
+        raise ValueError(f"{index_name} and its shards disagree: {len(missing)} listed key(s) missing "
+                         f"{sorted(missing)[:3]}, {len(extra)} unlisted key(s) {sorted(extra)[:3]}")
+    return state
+
+
+def load_release_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Read the released shards from a LOCAL directory, keys unchanged, tensors on CPU.
+
+    Order of preference: ``model.safetensors.index.json`` + shards, ``model.safetensors``,
+    ``pytorch_model.bin.index.json`` + shards, ``pytorch_model*.bin`` (``torch.load(weights_only=True)``).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"not a local checkpoint directory: {directory}")
+    if (directory / SAFETENSORS_INDEX).is_file():
+        return _load_indexed(directory, SAFETENSORS_INDEX, _load_safetensors)
+    if (directory / SAFETENSORS_SINGLE).is_file():
+        return _load_safetensors(directory / SAFETENSORS_SINGLE)
+    if (directory / BIN_INDEX).is_file():
+        return _load_indexed(directory, BIN_INDEX, _load_bin)
+    bins = sorted(directory.glob(BIN_GLOB))
+    if bins:
+        state: dict[str, torch.Tensor] = {}
+        for path in bins:
+            _merge(state, _load_bin(path), path)
+        return state
+    raise FileNotFoundError(f"no {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, {BIN_INDEX} or {BIN_GLOB} in {directory}")
+
+
+def load_release_checkpoint(directory: str | Path, include_vision: bool = False,
+                            check_vocab: bool = True) -> dict[str, torch.Tensor]:
+    """Released checkpoint directory -> state dict in our layout (see ``release_to_ours``).
+
+    If ``check_vocab`` and the directory holds the slow tokenizer's ``added_tokens.json``, the
+    time/hand token ids are verified with ``check_release_vocab`` first.
+    """
+    directory = Path(directory)
+    if check_vocab and (directory / ADDED_TOKENS_FILE).is_file():
+        check_release_vocab(AddedTokensVocab.from_file(directory / ADDED_TOKENS_FILE))
+    mapped, _dropped = release_to_ours(load_release_state_dict(directory), include_vision=include_vision)
+    return mapped
+
+
+# ---- vocabulary check ------------------------------------------------------------------------------
+
+def release_added_token_ids() -> dict[str, int]:
+    """The release's added tokens and their ids: <t0>..<t99> -> 32000..32099, <hand_traj> -> 32100."""
+    ids = {TIME_TOKEN_TEMPLATE.format(t=t): RELEASE_BASE_VOCAB_SIZE + t for t in range(RELEASE_NUM_TIME_TOKENS)}
+    ids[HAND_TOKEN] = RELEASE_HAND_TOKEN_ID
+    return ids
+
+
+class AddedTokensVocab:
+    """Minimal ``convert_tokens_to_ids`` over an ``added_tokens.json`` mapping (unknown -> None)."""
+
+    def __init__(self, token_to_id: Mapping[str, int]):
+        self.token_to_id = dict(token_to_id)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "AddedTokensVocab":
+        return cls(json.loads(Path(path).read_text()))
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | None | list[int | None]:
+        if isinstance(tokens, str):
+            return self.token_to_id.get(tokens)
+        return [self.token_to_id.get(token) for token in tokens]
+
+
+def check_release_vocab(tokenizer) -> None:
+    """Raise AssertionError unless ``tokenizer`` maps <t0>..<t99> to 32000..32099 and <hand_traj> to 32100.
+
+    ``tokenizer`` needs only ``convert_tokens_to_ids(list[str])`` (an HF tokenizer or ``AddedTokensVocab``).
+    """
+    expected = release_added_token_ids()
+    got = tokenizer.convert_tokens_to_ids(list(expected))
+    wrong = [(token, want, have) for (token, want), have in zip(expected.items(), got) if have != want]
+    if wrong:
+        shown = ", ".join(f"{token}: expected {want}, got {have}" for token, want, have in wrong[:5])
+        raise AssertionError(f"tokenizer does not match the released vocabulary ({len(wrong)} token(s) wrong): {shown}")

@@ -1,0 +1,221 @@
+"""HandsOnVLM: a LLaMA-family LM that sees pooled video tokens and emits ``<hand_traj>`` tokens whose
+hidden states a small decoder turns into future hand positions.
+
+    frames [B, F, 3, S, S] --CLIP (frozen)--> pooled per-frame features --projector--> visual [B, V, D]
+    input_ids with one image placeholder  ->  [text ; visual ; text] embeddings  [B, L - 1 + V, D]
+      + sinusoidal encoding of waypoint k added to the k-th <hand_traj> input embedding
+    LM -> hidden [B, L', D] -> logits (text loss)
+       -> hidden one position before each <hand_traj> -> right = even dims, left = odd dims
+       -> trajectory decoder -> points [B, 2, T, 2] (recon + KL losses)
+
+    loss = text_ce + hoi_lambda * (recon + lambda_kl * kl)
+
+Everything is batched: the visual splice, the hand-embedding scatter and the hidden-state gather
+are index arithmetic, not per-sample loops (the release loops over samples for all three).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from handsonvlm.config import ModelConfig
+from handsonvlm.hand_embedding import hand_conditions, hand_token_embeddings
+from handsonvlm.tokens import load_tokenizer, special_tokens
+from handsonvlm.traj_decoder import build_traj_decoder
+from handsonvlm.vision import VisionTower, pool_frames, video_tokens
+
+IMAGE_PLACEHOLDER = -200  # input id marking where the visual tokens go (LLaVA's IMAGE_TOKEN_INDEX)
+IGNORE_INDEX = -100  # label of positions without a text loss
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "handsonvlm_config.json"
+
+
+def _build_lm(cfg: ModelConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if cfg.lm.pretrained:
+        if not Path(cfg.lm.pretrained).exists():
+            raise FileNotFoundError(f"LM weights directory {cfg.lm.pretrained} does not exist (no hub downloads)")
+        lm = LlamaForCausalLM.from_pretrained(cfg.lm.pretrained, local_files_only=True,
+                                              attn_implementation=cfg.lm.attn_implementation)
+    else:
+        lm_config = LlamaConfig(**cfg.lm.config, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        lm_config._attn_implementation = cfg.lm.attn_implementation
+        lm = LlamaForCausalLM(lm_config)
+    if lm.get_input_embeddings().num_embeddings != len(tokenizer):
+        # New rows (time and hand tokens) get the LM's normal init, as the release's resize did.
+        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    if cfg.lm.gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+    return lm
+
+
+class HandsOnVLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, tokenizer=None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
+        self.tokens = special_tokens(self.tokenizer, cfg)
+        self.lm = _build_lm(cfg, self.tokenizer)
+        self.vision = VisionTower(config=cfg.vision.config, pretrained=cfg.vision.pretrained,
+                                  select_layer=cfg.vision.select_layer, dtype=getattr(torch, cfg.vision.dtype))
+        self.hidden_size = self.lm.config.hidden_size
+        self.projector = nn.Linear(self.vision.hidden_size, self.hidden_size)
+        self.traj_decoder = build_traj_decoder(cfg.traj_decoder, self.hidden_size // 2, cfg.decoder_hidden,
+                                               cfg.decoder_latent)
+
+    # ------------------------------------------------------------------ visual tokens
+    def frame_features(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """frames [B, F, 3, S, S] -> pooled per-frame features (means [B, F, C], grids [B, F, G, C]).
+
+        This is what the frozen-vision feature cache stores; pass it back as ``frame_means`` /
+        ``frame_grids`` to skip the tower."""
+        b, f = frames.shape[:2]
+        means, grids = pool_frames(self.vision(frames.flatten(0, 1)), self.cfg.spatial_pool)
+        return means.unflatten(0, (b, f)), grids.unflatten(0, (b, f))
+
+    def visual_tokens(self, frames=None, frame_means=None, frame_grids=None) -> torch.Tensor:
+        """[B, V, D] with V = num_video_frames + num_slow_frames * G (356 for the 7B/13B presets)."""
+        if frame_means is None:
+            frame_means, frame_grids = self.frame_features(frames)
+        return video_tokens(frame_means, frame_grids, self.projector, self.cfg.num_video_frames,
+                            self.cfg.num_slow_frames)
+
+    # ------------------------------------------------------------------ sequence assembly
+    def embed_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: torch.Tensor,
+                     hand_points: torch.Tensor | None, labels: torch.Tensor | None = None) -> dict:
+        """Splice the visual tokens in place of the image placeholder and add hand encodings.
+
+        input_ids, attention_mask, labels [B, L] (one ``IMAGE_PLACEHOLDER`` per row), visual
+        [B, V, D], hand_points [B, 2, T, 2] (teacher forcing in training, the model's own
+        predictions in generation) or None. Returns ``inputs_embeds`` [B, L-1+V, D] and
+        ``attention_mask``, ``position_ids``, ``ids`` (placeholder-free ids, -1 at visual
+        positions), ``labels`` (or None), all [B, L-1+V].
+        """
+        b, length = input_ids.shape
+        n_visual = visual.shape[1]
+        is_image = input_ids == IMAGE_PLACEHOLDER
+        if not bool((is_image.sum(1) == 1).all()):
+            raise ValueError("every sequence needs exactly one image placeholder")
+        image_at = is_image.int().argmax(1, keepdim=True)  # [B, 1]
+        j = torch.arange(length - 1 + n_visual, device=input_ids.device)[None]  # output positions
+        in_visual = (j >= image_at) & (j < image_at + n_visual)
+        text_index = torch.where(j < image_at, j, j - n_visual + 1).clamp(0, length - 1)  # [B, L']
+        visual_index = (j - image_at).clamp(0, n_visual - 1)
+
+        text_ids = input_ids.clamp(min=0).gather(1, text_index)
+        text_embeds = self.lm.get_input_embeddings()(text_ids)
+        visual_embeds = visual.to(text_embeds.dtype).gather(1, visual_index[..., None].expand(-1, -1, visual.shape[-1]))
+        embeds = torch.where(in_visual[..., None], visual_embeds, text_embeds)
+
+        ids = torch.where(in_visual, torch.full_like(text_ids, -1), input_ids.gather(1, text_index))
+        mask = torch.where(in_visual, torch.ones_like(text_ids), attention_mask.gather(1, text_index).long())
+        if hand_points is not None:
+            embeds = embeds + self._hand_offsets(ids, hand_points, embeds.dtype)
+        out = {"inputs_embeds": embeds, "attention_mask": mask, "ids": ids,
+               "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+        out["labels"] = None if labels is None else torch.where(
+            in_visual, torch.full_like(text_ids, IGNORE_INDEX), labels.gather(1, text_index))
+        return out
+
+    def _hand_offsets(self, ids: torch.Tensor, hand_points: torch.Tensor, dtype) -> torch.Tensor:
+        """[B, L', D]: the encoding of waypoint k at the k-th hand token (k < T), zero elsewhere."""
+        is_hand = ids == self.tokens.hand
+        k = is_hand.long().cumsum(-1) - 1  # index of each hand token among its row's hand tokens
+        n_points = hand_points.shape[2]
+        use = is_hand & (k < n_points)
+        if n_points == 0 or not bool(use.any()):
+            return torch.zeros((), dtype=dtype, device=ids.device)
+        encodings = hand_token_embeddings(hand_points, self.hidden_size, dtype=dtype)  # [B, T, D]
+        gathered = encodings.gather(1, k.clamp(0, n_points - 1)[..., None].expand(-1, -1, self.hidden_size))
+        return gathered * use[..., None].to(dtype)
+
+    def hand_states(self, hidden: torch.Tensor, ids: torch.Tensor, num_points: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states one position before each of the first ``num_points`` hand tokens.
+
+        hidden [B, L', D], ids [B, L'] -> (states [B, T, D], found [B, T] bool). The state at
+        p - 1 is the one that predicts the hand token at p (spec 2.6)."""
+        is_hand = ids == self.tokens.hand
+        k = is_hand.long().cumsum(-1) - 1
+        slots = torch.arange(num_points, device=ids.device)
+        match = is_hand[:, None, :] & (k[:, None, :] == slots[None, :, None])  # [B, T, L']
+        found = match.any(-1)
+        position = match.int().argmax(-1)  # [B, T] position of hand token t
+        before = (position - 1).clamp(min=0)
+        states = hidden.gather(1, before[..., None].expand(-1, -1, hidden.shape[-1]))
+        return states * found[..., None].to(states.dtype), found
+
+    # ------------------------------------------------------------------ training forward
+    def forward(self, input_ids, attention_mask, labels, future_hands, future_valid, frames=None,
+                frame_means=None, frame_grids=None, generator: torch.Generator | None = None) -> dict:
+        """Teacher-forced training pass.
+
+        future_hands [B, 2, T, 2] (the T future points, GT point 0 excluded), future_valid [B, 2].
+        Returns ``loss`` and its parts ``text_loss``, ``traj_loss`` (recon), ``kl_loss`` (before
+        lambdas), plus ``pred`` [B, 2, T, 2] (posterior reconstructions) and ``hand_found`` [B, T].
+        """
+        visual = self.visual_tokens(frames, frame_means, frame_grids)
+        seq = self.embed_inputs(input_ids, attention_mask, visual, future_hands, labels)
+        hidden = self.lm.model(inputs_embeds=seq["inputs_embeds"], attention_mask=seq["attention_mask"],
+                               position_ids=seq["position_ids"], use_cache=False).last_hidden_state
+        logits = self.lm.lm_head(hidden)
+        text_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), seq["labels"][:, 1:].flatten(),
+                                    ignore_index=IGNORE_INDEX)
+        n_points = future_hands.shape[2]
+        states, found = self.hand_states(hidden, seq["ids"], n_points)
+        # A hand without all its hand tokens in the text cannot be supervised (LITA samples have none).
+        valid = future_valid.bool() & found.all(-1, keepdim=True)
+        kl_reduction = "release" if self.cfg.mode == "release" else "corrected"
+        decoded = self.traj_decoder(hand_conditions(states), future_hands, valid, kl_reduction=kl_reduction,
+                                    generator=generator)
+        loss = text_loss + self.cfg.hoi_lambda * (decoded["recon"] + self.cfg.lambda_kl * decoded["kl"])
+        return {"loss": loss, "text_loss": text_loss.detach(), "traj_loss": decoded["recon"].detach(),
+                "kl_loss": decoded["kl"].detach(), "pred": decoded["pred"], "hand_found": found}
+
+    # ------------------------------------------------------------------ persistence
+    def save_pretrained(self, directory: str | Path) -> None:
+        """safetensors weights (frozen vision tower included) + config + tokenizer; no DeepSpeed/Ray needed."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        lm_config = self.lm.config.to_dict()
+        cfg = self.cfg.to_dict()
+        # The exported model is self-contained: rebuild both towers from configs, then load weights.
+        cfg["lm"].update(pretrained=None, tokenizer=None, config=_llama_kwargs(lm_config))
+        cfg["vision"].update(pretrained=None, config=self.vision.config.to_diff_dict())
+        (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        self.tokenizer.save_pretrained(str(directory))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "HandsOnVLM":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
+        cfg.lm.tokenizer = str(directory)
+        model = cls(cfg)
+        missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=map_location),
+                                                    strict=False)
+        tied = {"lm.lm_head.weight"} if model.lm.config.tie_word_embeddings else set()
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(f"checkpoint mismatch: missing {sorted(set(missing) - tied)}, unexpected {unexpected}")
+        return model
+
+
+_LLAMA_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "max_position_embeddings", "rms_norm_eps", "initializer_range", "tie_word_embeddings", "rope_theta",
+               "hidden_act", "attention_bias", "mlp_bias", "head_dim", "rope_scaling", "rope_parameters")
+
+
+def _llama_kwargs(config: dict) -> dict:
+    """The architecture part of a LlamaConfig dict (vocab and special ids come from the tokenizer)."""
+    return {k: config[k] for k in _LLAMA_KEYS if k in config and config[k] is not None}
