@@ -381,3 +381,22 @@ def check_release_vocab(tokenizer) -> None:
     if wrong:
         shown = ", ".join(f"{token}: expected {want}, got {have}" for token, want, have in wrong[:5])
         raise AssertionError(f"tokenizer does not match the released vocabulary ({len(wrong)} token(s) wrong): {shown}")
+
+
+def load_release_weights(model, directory: str | Path, include_vision: bool = False) -> list[str]:
+    """Load a released checkpoint into a built ``HandsOnVLM`` (its config must match the release's
+    sizes: ``configs/vicuna-7b.yaml`` / ``vicuna-13b.yaml`` with ``model.mode=release``).
+
+    Every parameter except the frozen vision tower (loaded from ``model.vision.pretrained``, or
+    from the checkpoint with ``include_vision=True``) must be present. Returns the keys of the
+    model that kept their initial values (the vision tower's, unless included).
+    """
+    mapped = load_release_checkpoint(directory, include_vision=include_vision)
+    missing, unexpected = model.load_state_dict(mapped, strict=False)
+    not_loaded = [k for k in missing if not k.startswith(OURS_VISION_PREFIX)]
+    if model.lm.config.tie_word_embeddings:
+        not_loaded = [k for k in not_loaded if k != "lm.lm_head.weight"]
+    if unexpected or not_loaded:
+        raise ValueError(f"released checkpoint does not fit the model: missing {not_loaded[:5]}"
+                         f"{'...' if len(not_loaded) > 5 else ''}, unexpected {unexpected[:5]}")
+    return sorted(missing)

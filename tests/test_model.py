@@ -231,3 +231,33 @@ def test_save_and_load_roundtrip(trained, tmp_path):
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     torch.testing.assert_close(loaded(**batch, generator=g())["loss"], model(**batch, generator=g())["loss"])
     assert loaded.tokens == model.tokens and not math.isnan(loaded.cfg.z_scale)
+
+
+def test_released_checkpoint_layout_loads_into_the_model(tmp_path):
+    """Our tiny model written in the release's key layout (with its unused modules) loads back exactly."""
+    from safetensors.torch import save_file
+
+    from handsonvlm.compat import load_release_weights, ours_to_release, release_unused_shapes
+
+    source = make_model("release", seed=3)
+    state = {k: v for k, v in source.state_dict().items() if not k.startswith("vision.")}
+    released = ours_to_release(state)
+    assert "model.mm_projector.weight" in released and "lm_head.weight" in released
+    assert "hand_traj_decoder.hand_traj_decoder.cvae.enc_MLP.0.weight" in released
+    for key, shape in release_unused_shapes(source.hidden_size).items():
+        released[key] = torch.zeros(shape)
+    keys = sorted(released)
+    half = len(keys) // 2
+    shards = {"model-00001-of-00002.safetensors": keys[:half], "model-00002-of-00002.safetensors": keys[half:]}
+    for name, shard_keys in shards.items():
+        save_file({k: released[k].contiguous() for k in shard_keys}, str(tmp_path / name))
+    index = {"metadata": {}, "weight_map": {k: name for name, ks in shards.items() for k in ks}}
+    (tmp_path / "model.safetensors.index.json").write_text(__import__("json").dumps(index))
+
+    target = make_model("release", seed=4)
+    target.vision.load_state_dict(source.vision.state_dict())  # CLIP comes from its own directory
+    untouched = load_release_weights(target, tmp_path)
+    assert untouched and all(k.startswith("vision.") for k in untouched)
+    batch = make_batch(source)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    torch.testing.assert_close(target(**batch, generator=g())["loss"], source(**batch, generator=g())["loss"])
