@@ -39,8 +39,7 @@ def _build_lm(cfg: ModelConfig, tokenizer):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if cfg.lm.pretrained:
-        if not Path(cfg.lm.pretrained).exists():
-            raise FileNotFoundError(f"LM weights directory {cfg.lm.pretrained} does not exist (no hub downloads)")
+        # A local directory, or a hub id already in the local Hugging Face cache: never a download.
         lm = LlamaForCausalLM.from_pretrained(cfg.lm.pretrained, local_files_only=True,
                                               attn_implementation=cfg.lm.attn_implementation)
     else:

@@ -72,8 +72,7 @@ def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     source = cfg.lm.tokenizer or cfg.lm.pretrained or str(TINY_TOKENIZER_DIR)
-    if not Path(source).exists():
-        raise FileNotFoundError(f"tokenizer directory {source} does not exist (weights are only read from local paths)")
+    # A local directory, or a hub id already in the local Hugging Face cache: never a download.
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
