@@ -40,8 +40,12 @@ def _build_lm(cfg: ModelConfig, tokenizer):
 
     if cfg.lm.pretrained:
         # A local directory, or a hub id already in the local Hugging Face cache: never a download.
-        lm = LlamaForCausalLM.from_pretrained(cfg.lm.pretrained, local_files_only=True,
-                                              attn_implementation=cfg.lm.attn_implementation)
+        try:
+            lm = LlamaForCausalLM.from_pretrained(cfg.lm.pretrained, local_files_only=True,
+                                                  attn_implementation=cfg.lm.attn_implementation)
+        except OSError as exc:
+            raise FileNotFoundError(f"LM weights {cfg.lm.pretrained!r} are neither a local directory nor in the local "
+                                    f"Hugging Face cache; nothing is downloaded at run time (see docs/MODEL.md)") from exc
     else:
         lm_config = LlamaConfig(**cfg.lm.config, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)

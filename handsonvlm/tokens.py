@@ -73,7 +73,11 @@ def load_tokenizer(cfg: ModelConfig):
 
     source = cfg.lm.tokenizer or cfg.lm.pretrained or str(TINY_TOKENIZER_DIR)
     # A local directory, or a hub id already in the local Hugging Face cache: never a download.
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except OSError as exc:
+        raise FileNotFoundError(f"tokenizer {source!r} is neither a local directory nor in the local Hugging Face "
+                                f"cache; nothing is downloaded at run time (see docs/MODEL.md)") from exc
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = "right"

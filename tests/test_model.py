@@ -261,3 +261,9 @@ def test_released_checkpoint_layout_loads_into_the_model(tmp_path):
     batch = make_batch(source)
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     torch.testing.assert_close(target(**batch, generator=g())["loss"], source(**batch, generator=g())["loss"])
+
+
+def test_missing_real_weights_fail_clearly_without_network():
+    cfg = load_model_config("vicuna-7b", ["model.lm.pretrained=/nonexistent/vicuna"])
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        HandsOnVLM(cfg)
