@@ -44,6 +44,9 @@ class VisionConfig:
     config: dict | None = None
     select_layer: int = -2  # penultimate layer, as LLaVA/LITA
     dtype: str = "float32"  # the release ran CLIP in fp16 on GPUs
+    # Seed of a randomly initialised tower: the frozen tower must be identical in every process
+    # (training workers, the feature cache, evaluation), whatever the global RNG state.
+    init_seed: int = 0
 
 
 @dataclass

@@ -59,6 +59,14 @@ def _build_lm(cfg: ModelConfig, tokenizer):
     return lm
 
 
+def build_vision_tower(cfg: ModelConfig) -> VisionTower:
+    """The frozen tower; a randomly initialised one is seeded so that every process builds the same."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.vision.init_seed)
+        return VisionTower(config=cfg.vision.config, pretrained=cfg.vision.pretrained,
+                           select_layer=cfg.vision.select_layer, dtype=getattr(torch, cfg.vision.dtype))
+
+
 class HandsOnVLM(nn.Module):
     def __init__(self, cfg: ModelConfig, tokenizer=None):
         super().__init__()
@@ -66,8 +74,7 @@ class HandsOnVLM(nn.Module):
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
         self.tokens = special_tokens(self.tokenizer, cfg)
         self.lm = _build_lm(cfg, self.tokenizer)
-        self.vision = VisionTower(config=cfg.vision.config, pretrained=cfg.vision.pretrained,
-                                  select_layer=cfg.vision.select_layer, dtype=getattr(torch, cfg.vision.dtype))
+        self.vision = build_vision_tower(cfg)
         self.hidden_size = self.lm.config.hidden_size
         self.projector = nn.Linear(self.vision.hidden_size, self.hidden_size)
         self.traj_decoder = build_traj_decoder(cfg.traj_decoder, self.hidden_size // 2, cfg.decoder_hidden,
