@@ -107,9 +107,76 @@ class ModelConfig:
         return cls(**copy.deepcopy(data))
 
 
+@dataclass
+class TrainConfig:
+    """The ``train:`` section of a preset (consumed by pipelines/train.py)."""
+
+    data: str = "runs/demo/data"  # preprocessing output root: samples/<split>/, features/<key>/
+    split: str = "train"
+    zero_stage: int = 2
+    precision: str = "auto"  # auto | bf16 | fp32
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    epochs: int = 1
+    max_steps: int | None = None
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_schedule: str = "cosine"  # cosine | constant
+    warmup_ratio: float = 0.03
+    seed: int = 0
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    task_rates: dict = field(default_factory=lambda: {"vhp": 0.5, "rbhp": 0.5})
+    rephrase_rate: float = 0.5
+    feature_cache: str = "auto"  # auto | on | off
+    export_dir: str = "runs/models"
+
+    def __post_init__(self):
+        self.betas = tuple(float(b) for b in self.betas)
+        for name in ("lr", "weight_decay", "eps", "max_grad_norm", "warmup_ratio", "rephrase_rate", "cpus_per_worker"):
+            setattr(self, name, float(getattr(self, name)))  # YAML may give "1e-3" as a string
+        if self.zero_stage not in (2, 3):
+            raise ValueError(f"train.zero_stage must be 2 or 3, got {self.zero_stage}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"train.precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"train.lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
+        if self.feature_cache not in ("auto", "on", "off"):
+            raise ValueError(f"train.feature_cache must be auto, on or off, got {self.feature_cache!r}")
+        if min(self.num_workers, self.micro_batch_size, self.gradient_accumulation_steps, self.epochs) < 1:
+            raise ValueError("train.num_workers, micro_batch_size, gradient_accumulation_steps and epochs must be >= 1")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown train config keys {sorted(unknown)}")
+        return cls(**copy.deepcopy(data))
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+
 def _parse_value(text: str):
-    """``key=value`` override values use YAML scalars: 3, 1e-3, true, null, [1, 2], "text"."""
-    return yaml.safe_load(text)
+    """``key=value`` override values use YAML scalars: 3, 1e-3, true, null, [1, 2], "text".
+
+    YAML 1.1 reads ``1e-3`` (no dot) as a string; numbers written that way are still numbers."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        for number in (int, float):
+            try:
+                return number(value)
+            except ValueError:
+                pass
+    return value
 
 
 def apply_overrides(data: dict, overrides: list[str] | None) -> dict:

@@ -79,6 +79,11 @@ FOLLOW_UP_TRAJECTORY_QUESTIONS = (
     "What is the hand trajectory for doing this?",
     "Where should my hands move to do this?",
 )
+# The release's third action-prediction answer also names the clip's EPIC noun (``action.noun``);
+# used by ``handsonvlm.mixture`` alongside ACTION_PREDICTION_ANSWERS when the row has a noun.
+ACTION_PREDICTION_NOUN_ANSWERS = (
+    "The action that is going to happen in this video is {narration}. Because there are {noun} in the video.",
+)
 
 
 def hand_tokens(hand_token: str, count: int) -> str:

@@ -28,9 +28,9 @@ Losses for a micro-batch with hand validity v [B, 2] (spec 2.8; lambdas are appl
                        (bug for bug: ``TrajCVAE.forward`` sums the flat [B*2*T] KL vector before
                        masking, so invalid hands and zero-placeholder rows count, times #valid hands)
 
-Precision: the release casts the condition to bf16 inside ``TrajCVAE.forward``. We compute the
-whole decoder in float32 whatever the input or parameter dtype (weights are upcast on the fly and
-autocast is disabled inside), and return float32 predictions and losses.
+Precision: the release casts the condition to bf16 inside ``TrajCVAE.forward``. Each layer runs in
+its parameters' dtype (fp32 on CPU, bf16 under DeepSpeed bf16, with autocast disabled inside), and
+activations between layers, predictions and losses are float32.
 
 MLP (the release's unused ``--traj_decoder MLP`` path, ``TrajMLP``): Linear(Dc -> 512) -> ReLU ->
 Linear(512 -> 512) -> ReLU -> Linear(512 -> 2), deterministic. Corrected: the release asserted a
@@ -60,9 +60,12 @@ COMPUTE_DTYPE = torch.float32
 
 
 def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)`` in float32, whatever the parameter dtype (gradients still reach the parameters)."""
-    bias = None if layer.bias is None else layer.bias.to(COMPUTE_DTYPE)
-    return F.linear(x.to(COMPUTE_DTYPE), layer.weight.to(COMPUTE_DTYPE), bias)
+    """``layer(x)`` in the layer's dtype, returned as float32.
+
+    The layer is *called* (not read through ``layer.weight``): DeepSpeed ZeRO-3 gathers a
+    module's partitioned weights in that module's forward hook, so reading ``.weight`` directly
+    would see an empty shard."""
+    return layer(x.to(layer.weight.dtype)).to(COMPUTE_DTYPE)
 
 
 def _check_inputs(cond: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, cond_dim: int) -> torch.Tensor:

@@ -2,6 +2,11 @@
 
     python pipelines/preprocess.py --epic-root DIR --annotations DIR --out OUT \
         [--splits train,validation] [--stage index|samples|all] [--questions DIR] [--labels DIR]
+    python pipelines/preprocess.py --stage features --out OUT --model-config configs/tiny.yaml \
+        [--set model.vision.init_seed=1 ...] [--feature-dtype float16|float32]
+
+``--stage all`` runs index + samples; ``features`` (the frozen vision tower's pooled features of
+every sample shard, OUT/features/<key>/) runs on its own, after samples.
 
 Runs on a local Ray started on demand, or unchanged on a cluster:
 ``ray job submit --working-dir . -- python pipelines/preprocess.py ...``. Paths may be local or
@@ -21,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, init_ray, setup_logging  # noqa: E402
 from preprocessing import storage  # noqa: E402
 from preprocessing.epic import SPLIT_FILES  # noqa: E402
+from preprocessing.features import DEFAULT_FEATURE_DTYPE, FEATURE_DTYPES, feature_key, run_features_stage  # noqa: E402
 from preprocessing.index import IndexConfig  # noqa: E402
 from preprocessing.samples import MediaConfig  # noqa: E402
 from preprocessing.stages import run_index_stage, run_samples_stage  # noqa: E402
@@ -34,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--annotations", help="directory with EPIC_100_{train,validation}.csv and EPIC_100_video_info.csv")
     p.add_argument("--out", required=True, help="output root (local path or URI)")
     p.add_argument("--splits", default="train,validation", help="comma-separated subset of " + ",".join(SPLIT_FILES))
-    p.add_argument("--stage", choices=("index", "samples", "all"), default="all")
+    p.add_argument("--stage", choices=("index", "samples", "all", "features"), default="all",
+                   help="all = index + samples; features (needs --model-config) runs after samples")
     p.add_argument("--questions", help="directory with ek100_questions.json, ek100_questions_val.json, rephrase_ek100.json")
     p.add_argument("--labels", help="hoi-forecast data/ek100 directory (video_info.json, labels/label_<uid>.pkl "
                                     "or labels/ek100_<split>_labels.npy)")
@@ -49,6 +56,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=256, help="max actions per sample shard")
     p.add_argument("--unlabelled", choices=("skip", "keep"), default="skip",
                    help="keep writes actions without a trajectory label too (future_valid all false)")
+    g = p.add_argument_group("features stage")
+    g.add_argument("--model-config", help="model preset name or YAML path (e.g. configs/tiny.yaml); its vision "
+                                          "part selects the tower and the cache key")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a dotted key of the preset file, e.g. model.vision.init_seed=1 (repeatable)")
+    g.add_argument("--feature-dtype", choices=FEATURE_DTYPES, default=DEFAULT_FEATURE_DTYPE,
+                   help="storage dtype of the cached features (computed in the tower's dtype)")
+    g.add_argument("--feature-actors", type=int, default=2, help="vision-tower actors (each builds the tower once)")
+    g.add_argument("--feature-gpus", type=float, default=0.0, help="GPUs per actor (0: CPU)")
+    g.add_argument("--feature-rows-per-call", type=int, default=1,
+                   help="clips per tower call; 1 makes features bit-identical to the model's per-clip "
+                        "frame_features, more is faster on GPUs")
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     p.add_argument("--object-store-memory", type=int, default=DEFAULT_OBJECT_STORE_BYTES,
@@ -70,6 +89,22 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--annotations is required for the index stage")
     if args.stage in ("samples", "all") and not args.epic_root:
         p.error("--epic-root is required for the samples stage")
+    args.model_cfg = None
+    if args.stage == "features":
+        if not args.model_config:
+            p.error("--model-config is required for the features stage")
+        if args.feature_actors < 1 or args.feature_rows_per_call < 1 or args.feature_gpus < 0:
+            p.error("--feature-actors and --feature-rows-per-call must be >= 1, --feature-gpus >= 0")
+        import yaml
+
+        from handsonvlm.config import load_model_config
+
+        try:
+            args.model_cfg = load_model_config(args.model_config, args.overrides)
+        except (OSError, ValueError, TypeError, yaml.YAMLError) as exc:
+            p.error(f"--model-config {args.model_config} {args.overrides or ''}: {exc}")
+    elif args.overrides:
+        p.error("--set applies to --model-config, which only the features stage uses")
     for name in ("annotations", "epic_root", "questions", "labels"):
         value = getattr(args, name)
         if value and not storage.exists(value):
@@ -91,6 +126,12 @@ def main(argv=None) -> int:
                             jpeg_quality=args.jpeg_quality)
         report["samples"] = run_samples_stage(args.out, args.splits, media, args.shard_size, args.unlabelled,
                                               progress=not args.no_progress)
+    if args.stage == "features":
+        init_ray(args.ray_address, args.num_cpus, args.object_store_memory)
+        report["features"] = run_features_stage(args.out, args.splits, args.model_cfg, args.feature_dtype,
+                                                args.feature_actors, args.feature_gpus, args.feature_rows_per_call,
+                                                progress=not args.no_progress)
+        print(f"features: {storage.join(args.out, 'features', feature_key(args.model_cfg))}")
     print(json.dumps(report, indent=2, sort_keys=True))
     print(f"manifest: {storage.join(args.out, 'manifest.json')}")
     return 0

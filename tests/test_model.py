@@ -66,8 +66,8 @@ def test_config_validation_and_overrides():
         load_model_config("tiny", ["model.lm.pretrained=/somewhere"])
     with pytest.raises(ValueError, match="unknown model config"):
         ModelConfig.from_dict({"nope": 1})
-    assert apply_overrides({"a": {"b": 1}}, ["a.b=2.5e-3", "a.c=[1, 2]", "d.e=true"]) == \
-        {"a": {"b": 2.5e-3, "c": [1, 2]}, "d": {"e": True}}
+    assert apply_overrides({"a": {"b": 1}}, ["a.b=2.5e-3", "a.c=[1, 2]", "d.e=true", "d.f=1e-3", "d.g=abc"]) == \
+        {"a": {"b": 2.5e-3, "c": [1, 2]}, "d": {"e": True, "f": 1e-3, "g": "abc"}}
 
 
 def test_token_ids_come_from_the_tokenizer(model):

@@ -1,0 +1,104 @@
+"""Hyper-parameter sweep: each Ray Tune trial is one Ray Train run, logged as its own MLflow run.
+
+    python pipelines/tune.py --config tiny --search-space configs/tune/lr_hoi.yaml \
+        [--data runs/demo/data] [--max-steps N] [--name SWEEP] [--set key=value ...]
+
+The search space file names dotted preset keys and a distribution for each (see
+configs/tune/lr_hoi.yaml). Trials run their TorchTrainer from inside a Tune function trainable
+(Train V2 rejects Tune callbacks on the trainer); the trial's metric is the loss on a fixed batch
+at its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a bare checkout / job working_dir
+
+from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, init_ray, setup_logging  # noqa: E402
+from pipelines.train import DEFAULT_STORAGE, launch  # noqa: E402
+
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
+
+
+def search_space(spec: dict) -> dict:
+    """{dotted key: {kind: args}} -> Tune param space."""
+    from ray import tune
+
+    space = {}
+    for key, dist in (spec.get("params") or {}).items():
+        if not isinstance(dist, dict) or len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+            raise ValueError(f"search space entry {key!r} must be one of {DISTRIBUTIONS}, got {dist!r}")
+        kind, args = next(iter(dist.items()))
+        space[key] = {"grid": tune.grid_search, "choice": tune.choice}[kind](list(args)) if kind in ("grid", "choice") \
+            else {"uniform": tune.uniform, "loguniform": tune.loguniform}[kind](*args)
+    if not space:
+        raise ValueError("the search space has no params")
+    return space
+
+
+def trial(params: dict, base_overrides: list[str], preset: str, sweep: str, storage: str) -> None:
+    """One Tune trial: the preset plus this trial's values, trained and reported."""
+    from ray import tune
+
+    from pipelines.train import resolve_config
+
+    overrides = base_overrides + [f"{k}={v}" for k, v in params.items()]
+    config = resolve_config(argparse.Namespace(config=preset, set=overrides, data=None, max_steps=None,
+                                               num_workers=None, zero_stage=None))
+    run_name = f"{sweep}-{tune.get_context().get_trial_id()}"
+    out = launch(config, run_name, storage, extra_tags={"sweep": sweep, "stage": "tune",
+                                                        **{f"tune.{k}": str(v) for k, v in params.items()}})
+    if not out["ok"]:
+        raise RuntimeError(f"trial {run_name} failed")
+    tune.report({"fixed_batch_loss": out["metrics"]["fixed_batch_loss"], "mlflow_run_id": out["run_id"]})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--search-space", required=True, help="YAML with metric, mode, num_samples, params")
+    p.add_argument("--data")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--name", help="sweep name (default: sweep-<time>)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--storage", default=DEFAULT_STORAGE)
+    p.add_argument("--ray-address")
+    p.add_argument("--num-cpus", type=int)
+    args = p.parse_args(argv)
+    setup_logging()
+    from ray import tune
+
+    with open(args.search_space) as f:
+        spec = yaml.safe_load(f)
+    space = search_space(spec)
+    overrides = list(args.set)
+    if args.data:
+        overrides.append(f"train.data={args.data}")
+    if args.max_steps:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    sweep = args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    storage = args.storage if "://" in args.storage else str(Path(args.storage).absolute())
+    init_ray(args.ray_address, args.num_cpus, DEFAULT_OBJECT_STORE_BYTES)
+    trainable = tune.with_parameters(trial, base_overrides=overrides, preset=args.config, sweep=sweep, storage=storage)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 0}),  # the trial only waits; its Ray Train workers hold the CPUs
+        param_space=space,
+        tune_config=tune.TuneConfig(metric=spec.get("metric", "fixed_batch_loss"), mode=spec.get("mode", "min"),
+                                    num_samples=int(spec.get("num_samples", 1)),
+                                    max_concurrent_trials=int(spec.get("max_concurrent_trials", 1))),
+        run_config=tune.RunConfig(name=sweep, storage_path=storage),
+    )
+    results = tuner.fit()
+    best = results.get_best_result()
+    print(f"[tune] {len(results)} trials; best {best.metrics.get('fixed_batch_loss')} with {best.config}", flush=True)
+    return 0 if not results.errors else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""The features stage on SynthKitchens: layout, row contract, values equal to the model's own
+``frame_features``, reuse, stale removal, key separation, quarantine of undecodable frames."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from handsonvlm.config import load_model_config
+from handsonvlm.data import clip_frames
+from handsonvlm.model import HandsOnVLM
+from pipelines import preprocess
+from preprocessing import storage
+from preprocessing.features import (
+    VISION_CONFIG_FILE,
+    align_features,
+    feature_key,
+    feature_paths,
+    feature_shard_current,
+    load_feature_shard,
+    plan_feature_shards,
+    process_feature_shard,
+    read_feature_table,
+)
+from preprocessing.samples import shard_paths
+from preprocessing.schema import tensor_column
+from preprocessing.synthetic import generate
+
+pytestmark = pytest.mark.ray
+
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+SPLITS = ("train", "validation")
+SEED1 = ["model.vision.init_seed=1"]
+
+
+def run_job(tree, out, *extra):
+    return preprocess.main([
+        "--epic-root", str(tree / "EPIC-KITCHENS"), "--annotations", str(tree / "annotations"),
+        "--questions", str(tree / "handsonvlm_assets"), "--labels", str(tree / "hoi_forecast" / "ek100"),
+        "--out", str(out), "--no-progress", *extra,
+    ])
+
+
+def run_features(out, *extra):
+    return preprocess.main(["--stage", "features", "--out", str(out), "--model-config", TINY,
+                            "--feature-actors", "1", "--no-progress", *extra])
+
+
+def sample_shards(out, split):
+    return sorted(p.stem for p in (out / "samples" / split).glob("*.parquet"))
+
+
+def read_samples(out, split, shard_id):
+    return pq.read_table(out / "samples" / split / f"{shard_id}.parquet", columns=["sample_id", "obs_jpeg"])
+
+
+def manifest(out):
+    return json.loads((out / "manifest.json").read_text())
+
+
+def reference_features(model, samples):
+    """The model's own per-clip features of every row: (means [N, F, C], grids [N, F, G, C]) float32."""
+    means, grids = [], []
+    for row in samples.to_pylist():
+        frames = clip_frames(row["obs_jpeg"], model.vision.image_size)
+        m, g = model.frame_features(frames[None])
+        means.append(m[0].numpy())
+        grids.append(g[0].numpy())
+    return np.stack(means), np.stack(grids)
+
+
+@pytest.fixture(scope="module")
+def processed(tmp_path_factory, ray_local):
+    tree = tmp_path_factory.mktemp("synth")
+    generate(str(tree), videos=2, actions_per_video=3, seed=0, workers=1)
+    out = tmp_path_factory.mktemp("out")
+    assert run_job(tree, out) == 0
+    assert run_features(out) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(123)  # the tower must not depend on the global RNG (cfg.vision.init_seed)
+    return HandsOnVLM(load_model_config("tiny")).eval()
+
+
+def test_layout_and_row_contract(processed):
+    key = feature_key(load_model_config("tiny"))
+    root = processed / "features" / key
+    vision = json.loads((root / VISION_CONFIG_FILE).read_text())
+    assert vision["key"] == key and vision["vision"]["init_seed"] == 0 and vision["spatial_pool"] == 2
+    assert vision["dims"] == {"num_frames": 10, "channels": 32, "grid_tokens": 16}
+    m = manifest(processed)
+    for split in SPLITS:
+        shards = sample_shards(processed, split)
+        assert shards and sorted(p.stem for p in (root / split).glob("*.parquet")) == shards  # 1:1
+        stats = m["splits"][split]["features"]
+        assert stats["key"] == key and stats["shards"] == stats["shards_processed"] == len(shards)
+        assert stats["read"] == stats["written"] > 0 and stats["quarantined"] == {}
+        for shard_id in shards:
+            samples = read_samples(processed, split, shard_id)
+            table = read_feature_table(str(processed), key, split, shard_id)
+            assert table.column("sample_id").to_pylist() == samples.column("sample_id").to_pylist()  # same order
+            assert table.column("sample_row").to_pylist() == list(range(samples.num_rows))
+            assert set(table.column("schema_version").to_pylist()) == {1}
+            field = table.schema.field("frame_grids")
+            assert field.metadata[b"dtype"] == b"float16" and field.metadata[b"shape"] == b"[10, 16, 32]"
+            assert table.schema.metadata[b"vision_key"] == key.encode()
+            assert tensor_column(table, "frame_means").dtype == np.float16
+            assert feature_shard_current(str(processed), key, split, shard_id)
+
+
+def test_values_equal_the_models_frame_features(processed, model):
+    key = feature_key(model.cfg)
+    for split in SPLITS:
+        for shard_id in sample_shards(processed, split):
+            ref_means, ref_grids = reference_features(model, read_samples(processed, split, shard_id))
+            table = read_feature_table(str(processed), key, split, shard_id)
+            # fp16 storage = the exact fp32 features rounded once to fp16
+            np.testing.assert_array_equal(tensor_column(table, "frame_means"), ref_means.astype(np.float16))
+            np.testing.assert_array_equal(tensor_column(table, "frame_grids"), ref_grids.astype(np.float16))
+            loaded = load_feature_shard(str(processed), key, split, shard_id)
+            sid = table.column("sample_id")[0].as_py()
+            assert loaded[sid][0].dtype == np.float32 and loaded[sid][1].shape == (10, 16, 32)
+            np.testing.assert_allclose(loaded[sid][0], ref_means[0], rtol=1e-3, atol=1e-3)
+
+
+def test_rerun_reuses_shards_and_removes_stale_ones(processed):
+    key = feature_key(load_model_config("tiny"))
+    root = processed / "features" / key
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")}
+    stale = root / "train" / "P99_99-0000.parquet"
+    shutil.copy(next(iter(before)), stale)
+    assert run_features(processed) == 0
+    assert not stale.exists()
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*.parquet")} == before
+    for split in SPLITS:
+        stats = manifest(processed)["splits"][split]["features"]
+        assert stats["shards_reused"] == stats["shards"] and stats["shards_processed"] == 0
+    assert manifest(processed)["splits"]["train"]["features"]["stale_shards_removed"] == 1
+
+    # a sample shard redone with another fingerprint makes its feature shard out of date
+    split, shard_id = "train", sample_shards(processed, "train")[0]
+    done = shard_paths(str(processed), split, shard_id)["done"]
+    marker = storage.read_json(done)
+    try:
+        storage.write_json_atomic(done, {**marker, "fingerprint": "changed"})
+        assert not feature_shard_current(str(processed), key, split, shard_id)
+        spec = next(s for s in plan_feature_shards(str(processed), split, key, "float16")[0] if s["shard_id"] == shard_id)
+        assert spec["fingerprint"] != storage.read_json(feature_paths(str(processed), key, split, shard_id)["done"])["fingerprint"]
+    finally:
+        storage.write_json_atomic(done, marker)
+
+
+def test_vision_change_gives_a_new_key_and_float32_is_exact(processed):
+    key0 = feature_key(load_model_config("tiny"))
+    cfg1 = load_model_config("tiny", SEED1)
+    key1 = feature_key(cfg1)
+    assert key1 != key0
+    old = {p: p.stat().st_mtime_ns for p in (processed / "features" / key0).rglob("*")}
+    assert run_features(processed, "--set", SEED1[0], "--feature-dtype", "float32") == 0
+    assert {p: p.stat().st_mtime_ns for p in (processed / "features" / key0).rglob("*")} == old  # untouched
+    assert json.loads((processed / "features" / key1 / VISION_CONFIG_FILE).read_text())["vision"]["init_seed"] == 1
+    model1 = HandsOnVLM(cfg1).eval()
+    for split in SPLITS:
+        for shard_id in sample_shards(processed, split):
+            ref_means, ref_grids = reference_features(model1, read_samples(processed, split, shard_id))
+            table = read_feature_table(str(processed), key1, split, shard_id)
+            assert table.schema.field("frame_means").metadata[b"dtype"] == b"float32"
+            np.testing.assert_array_equal(tensor_column(table, "frame_means"), ref_means)  # bit-exact
+            np.testing.assert_array_equal(tensor_column(table, "frame_grids"), ref_grids)
+            seed0 = tensor_column(read_feature_table(str(processed), key0, split, shard_id), "frame_means", np.float32)
+            assert not np.allclose(seed0, ref_means, atol=1e-2)  # really another tower
+
+
+def test_undecodable_frame_is_quarantined_and_the_rest_written(processed, model, tmp_path):
+    """The pure-Python shard function (no Ray) on a sample shard with one broken JPEG."""
+    split, shard_id = "train", sample_shards(processed, "train")[0]
+    samples = pq.read_table(processed / "samples" / split / f"{shard_id}.parquet")
+    assert samples.num_rows >= 3
+    rows = samples.to_pylist()
+    bad_id = rows[1]["sample_id"]
+    rows[1]["obs_jpeg"][4] = b"not a jpeg"
+    out = tmp_path / "out"
+    storage.write_parquet_atomic(samples.from_pylist(rows, schema=samples.schema),
+                                 str(out / "samples" / split / f"{shard_id}.parquet"))
+    spec = {"split": split, "shard_id": shard_id, "samples": str(out / "samples" / split / f"{shard_id}.parquet"),
+            "sample_fingerprint": "fp"}
+    summary = process_feature_shard(spec, model.cfg, str(out), dtype="float32")
+    assert summary["rows"] == len(rows) and summary["written"] == len(rows) - 1
+    assert summary["quarantined"] == {"frame_corrupt": 1} and summary["missing_sample_ids"] == [bad_id]
+
+    key = feature_key(model.cfg)
+    table = read_feature_table(str(out), key, split, shard_id)
+    ids = [r["sample_id"] for r in rows]
+    assert table.column("sample_id").to_pylist() == [s for s in ids if s != bad_id]  # order kept, bad row absent
+    assert table.column("sample_row").to_pylist() == [i for i in range(len(rows)) if i != 1]
+    quarantine = pq.read_table(feature_paths(str(out), key, split, shard_id)["quarantine"]).to_pylist()
+    assert [(q["stage"], q["item"], q["reason"]) for q in quarantine] == [("features", bad_id, "frame_corrupt")]
+
+    means, grids, present = align_features(table, ids)
+    assert present.tolist() == [i != 1 for i in range(len(rows))]
+    assert not means[1].any() and not grids[1].any()
+    good = samples.take([0])
+    ref_means, ref_grids = reference_features(model, good)
+    np.testing.assert_array_equal(means[0], ref_means[0])
+    np.testing.assert_array_equal(grids[0], ref_grids[0])
+    assert storage.read_json(feature_paths(str(out), key, split, shard_id)["done"])["written"] == len(rows) - 1
+
+
+def test_cli_validation(tmp_path):
+    with pytest.raises(SystemExit):  # the features stage needs a model config
+        preprocess.parse_args(["--stage", "features", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # a bad override is a configuration error
+        preprocess.parse_args(["--stage", "features", "--out", str(tmp_path), "--model-config", "tiny",
+                               "--set", "model.vision.nonsense=1"])
+    args = preprocess.parse_args(["--stage", "features", "--out", str(tmp_path), "--model-config", TINY,
+                                  "--set", SEED1[0]])
+    assert args.model_cfg.vision.init_seed == 1 and args.feature_dtype == "float16"
+    with pytest.raises(SystemExit):  # other stages keep requiring their inputs
+        preprocess.parse_args(["--stage", "samples", "--out", str(tmp_path)])
