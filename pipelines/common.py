@@ -29,7 +29,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     env_vars = {k: os.environ[k] for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE",
                                            "MLFLOW_TRACKING_URI") if k in os.environ}
     if address and address != "local":
-        ray.init(address=address, runtime_env={"env_vars": env_vars} if env_vars else None)
+        # On a cluster (or under `ray job submit`) the job's runtime env applies; adding one here
+        # would conflict with it.
+        ray.init(address=address)
         return
     ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
              include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env_vars} if env_vars else None)

@@ -59,7 +59,8 @@ def plan_data(samples_dir: str, world_size: int, micro_batch: int, accumulation:
     micro_steps = min(load) // micro_batch
     steps_per_epoch = micro_steps // accumulation
     if steps_per_epoch == 0:
-        raise ValueError(f"too little data: {min(load)} rows on the smallest of {world_size} ranks for "
+        raise ValueError(f"too little data: {min(load)} rows on the smallest of {world_size} ranks ({len(files)} shards; "
+                         f"shards are assigned whole, one video each) for "
                          f"micro-batch {micro_batch} x accumulation {accumulation}")
     return {"files": [sorted(a) for a in assignment], "rows": load, "steps_per_epoch": steps_per_epoch,
             "total_rows": sum(rows.values()), "fixed_batch_file": sorted(files)[0]}

@@ -487,7 +487,8 @@ def run_features_stage(out: str, splits: Sequence[str], cfg, dtype: str = DEFAUL
                             compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=1, num_gpus=num_gpus or None,
                             udf_modifying_row_count=False,
                             fn_constructor_kwargs={"cfg": cfg.to_dict(), "out": out, "dtype": dtype,
-                                                   "rows_per_call": rows_per_call})
+                                                   "rows_per_call": rows_per_call,
+                                                   "device": "cuda" if num_gpus else "cpu"})
         bar = tqdm(total=len(pending), unit="shard", desc=f"features {key}", disable=not progress, mininterval=1.0)
         for row in ds.iter_rows():
             summaries.append(json.loads(row["summary"]))

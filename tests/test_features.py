@@ -153,8 +153,10 @@ def test_rerun_reuses_shards_and_removes_stale_ones(processed):
     try:
         storage.write_json_atomic(done, {**marker, "fingerprint": "changed"})
         assert not feature_shard_current(str(processed), key, split, shard_id)
-        spec = next(s for s in plan_feature_shards(str(processed), split, key, "float16")[0] if s["shard_id"] == shard_id)
-        assert spec["fingerprint"] != storage.read_json(feature_paths(str(processed), key, split, shard_id)["done"])["fingerprint"]
+        specs, _ = plan_feature_shards(str(processed), split, key, "float16")
+        spec = next(s for s in specs if s["shard_id"] == shard_id)
+        done_marker = storage.read_json(feature_paths(str(processed), key, split, shard_id)["done"])
+        assert spec["fingerprint"] != done_marker["fingerprint"]  # the next run redoes this shard
     finally:
         storage.write_json_atomic(done, marker)
 
