@@ -147,6 +147,8 @@ class TrainConfig:
             raise ValueError(f"train.precision must be auto, bf16 or fp32, got {self.precision!r}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"train.lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
+        if isinstance(self.feature_cache, bool):  # YAML reads on/off as booleans
+            self.feature_cache = "on" if self.feature_cache else "off"
         if self.feature_cache not in ("auto", "on", "off"):
             raise ValueError(f"train.feature_cache must be auto, on or off, got {self.feature_cache!r}")
         if min(self.num_workers, self.micro_batch_size, self.gradient_accumulation_steps, self.epochs) < 1:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from pipelines import tracking  # noqa: E402
 from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, init_ray, setup_logging  # noqa: E402
-from pipelines.training import export_path_for, plan_data, train_loop_per_worker  # noqa: E402
+from pipelines.training import export_path_for, feature_cache_plan, plan_data, train_loop_per_worker  # noqa: E402
 
 DEFAULT_STORAGE = "runs/ray_results"
 
@@ -67,12 +67,13 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
     from ray.train.torch import TorchConfig, TorchTrainer
 
     train = config["train"]
-    data = train["data"]
-    samples_dir = f"{data.rstrip('/')}/samples/{train['split']}" if "://" in data else \
-        str(Path(data).absolute() / "samples" / train["split"])
+    data = train["data"] if "://" in train["data"] else str(Path(train["data"]).absolute())
+    samples_dir = f"{data.rstrip('/')}/samples/{train['split']}"
     plan = plan_data(samples_dir, train["num_workers"], train["micro_batch_size"], train["gradient_accumulation_steps"])
     print(f"[train] {run_name}: {plan['total_rows']} samples in {sum(map(len, plan['files']))} shards; "
           f"{plan['steps_per_epoch']} steps/epoch on {train['num_workers']} workers", flush=True)
+    plan["features"] = feature_cache_plan(data, train["split"], [f for fs in plan["files"] for f in fs],
+                                          config["model"], train["feature_cache"])
     use_gpu = ray.cluster_resources().get("GPU", 0) >= train["num_workers"]
     export_path = export_path_for(train["export_dir"], run_name)
 

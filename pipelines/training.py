@@ -101,6 +101,56 @@ def epoch_files(files: list[str], seed: int, epoch: int, rank: int) -> list[str]
     return [files[i] for i in order]
 
 
+class FeatureLookup:
+    """Cached frozen-vision features (``pipelines/preprocess.py --stage features``) for rows of the
+    sample shards, read a shard at a time and kept for the last few shards (files are read in order)."""
+
+    KEEP_SHARDS = 2
+
+    def __init__(self, out: str, key: str, split: str):
+        self.out, self.key, self.split = out, key, split
+        self.tables: dict[str, object] = {}
+
+    def __call__(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows (with their shard ``path``) -> frame_means [B, F, C], frame_grids [B, F, G, C] float32."""
+        from preprocessing.features import align_features, read_feature_table
+
+        means, grids = [None] * len(rows), [None] * len(rows)
+        by_shard: dict[str, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_shard.setdefault(Path(row["path"]).name[: -len(".parquet")], []).append(i)
+        for shard_id, idx in by_shard.items():
+            if shard_id not in self.tables:
+                if len(self.tables) >= self.KEEP_SHARDS:
+                    self.tables.pop(next(iter(self.tables)))
+                self.tables[shard_id] = read_feature_table(self.out, self.key, self.split, shard_id)
+            m, g, present = align_features(self.tables[shard_id], [rows[i]["sample_id"] for i in idx])
+            if not present.all():
+                raise KeyError(f"feature shard {shard_id} lacks {int((~present).sum())} of its samples; "
+                               f"re-run the features stage or set train.feature_cache=off")
+            for j, i in enumerate(idx):
+                means[i], grids[i] = m[j], g[j]
+        return torch.from_numpy(np.stack(means)), torch.from_numpy(np.stack(grids))
+
+
+def feature_cache_plan(data_root: str, split: str, files: list[str], model_cfg: dict, mode: str) -> dict | None:
+    """Use the feature cache when every sample shard has a current feature shard (mode "auto"),
+    insist on it ("on"), or ignore it ("off")."""
+    if mode == "off":
+        return None
+    from handsonvlm.config import ModelConfig
+    from preprocessing.features import feature_key, feature_shard_current
+
+    key = feature_key(ModelConfig.from_dict(model_cfg))
+    stale = [f for f in files if not feature_shard_current(data_root, key, split, Path(f).name[: -len(".parquet")])]
+    if stale:
+        if mode == "on":
+            raise FileNotFoundError(f"train.feature_cache=on but {len(stale)} of {len(files)} shards have no current "
+                                    f"features under {data_root}/features/{key}; run --stage features")
+        return None
+    return {"out": data_root, "key": key, "split": split}
+
+
 def iter_rows(files: list[str], micro_batch: int, seed: int, epoch: int, rank: int):
     """Micro-batches of rows (lists of dicts) of this rank's files for one epoch, deterministic.
 
@@ -111,7 +161,7 @@ def iter_rows(files: list[str], micro_batch: int, seed: int, epoch: int, rank: i
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
-    ds = ray.data.read_parquet(epoch_files(files, seed, epoch, rank), columns=TRAIN_COLUMNS,
+    ds = ray.data.read_parquet(epoch_files(files, seed, epoch, rank), columns=TRAIN_COLUMNS, include_paths=True,
                                ray_remote_args={"num_cpus": 0.25})
     for batch in ds.iter_batches(batch_size=micro_batch, batch_format="pyarrow", drop_last=True,
                                  local_shuffle_buffer_size=4 * micro_batch,
@@ -119,17 +169,22 @@ def iter_rows(files: list[str], micro_batch: int, seed: int, epoch: int, rank: i
         yield batch.to_pylist()
 
 
-def rows_to_batch(rows: list[dict], model, mixture, epoch: int, device) -> tuple[dict, list[str]]:
+def rows_to_batch(rows: list[dict], model, mixture, epoch: int, device,
+                  features: FeatureLookup | None = None) -> tuple[dict, list[str]]:
     from handsonvlm.data import collate, max_text_tokens
     from handsonvlm.mixture import make_example
 
     examples, tasks = [], []
+    frames_fn = (lambda row: None) if features is not None else None  # noqa: E731  (no JPEG decoding)
     for row in rows:
-        example = make_example(row, model.cfg, model.tokenizer, mixture, epoch, image_size=model.vision.image_size)
+        example = make_example(row, model.cfg, model.tokenizer, mixture, epoch, frames_fn=frames_fn,
+                               image_size=model.vision.image_size)
         examples.append(example)
         tasks.append(example.task)
     n_visual = model.cfg.num_video_frames + model.cfg.num_slow_frames * (model.vision.grid // model.cfg.spatial_pool) ** 2
     batch = collate(examples, model.tokens.pad, max_text=max_text_tokens(model.cfg, n_visual))
+    if features is not None:
+        batch["frame_means"], batch["frame_grids"] = features(rows)
     return {k: v.to(device) for k, v in batch.items()}, tasks
 
 
@@ -201,8 +256,12 @@ def train_loop_per_worker(config: dict) -> None:
     mixture = Mixture.from_config(train.to_dict(), model_cfg=cfg)
     generator = torch.Generator(device=device).manual_seed(train.seed * 1000 + rank)
 
+    features = FeatureLookup(**plan["features"]) if plan.get("features") else None
     fixed_rows = _fixed_rows(plan["fixed_batch_file"], train.micro_batch_size)
-    fixed_batch, _ = rows_to_batch(fixed_rows, model, mixture, 0, device)
+    fixed_batch, _ = rows_to_batch(fixed_rows, model, mixture, 0, device, features)
+    if rank == 0:
+        print(f"[train] vision input: {'feature cache ' + plan['features']['key'] if features else 'frames (online CLIP)'}",
+              flush=True)
 
     progress = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "samples": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -234,7 +293,7 @@ def train_loop_per_worker(config: dict) -> None:
                 continue  # already trained on before the restore
             if i >= steps_per_epoch * micro_per_step or progress["step"] >= total_steps:
                 break
-            batch, _ = rows_to_batch(rows, model, mixture, epoch, device)
+            batch, _ = rows_to_batch(rows, model, mixture, epoch, device, features)
             out = engine(**batch, generator=generator)
             engine.backward(out["loss"])
             engine.step()
@@ -307,7 +366,8 @@ def _fixed_rows(uri: str, count: int) -> list[dict]:
     from preprocessing import storage
 
     fs, path = storage.resolve(uri)
-    return pq.read_table(path, filesystem=fs, columns=TRAIN_COLUMNS).slice(0, count).to_pylist()
+    rows = pq.read_table(path, filesystem=fs, columns=TRAIN_COLUMNS).slice(0, count).to_pylist()
+    return [{**row, "path": path} for row in rows]
 
 
 def _has_flash_attn() -> bool:

@@ -93,3 +93,17 @@ def test_resuming_mid_run_gives_the_uninterrupted_result(data_root, tmp_path, ml
     _, b = metric_history(mlflow_uri, split)
     assert b["eval/fixed_batch_loss"][6] == pytest.approx(a["eval/fixed_batch_loss"][6], rel=1e-5)
     torch.testing.assert_close(torch.tensor(b["train/loss"][6]), torch.tensor(a["train/loss"][6]), rtol=1e-5, atol=1e-6)
+
+
+def test_feature_cache_gives_the_online_result(data_root, tmp_path, mlflow_uri):
+    """Training from cached float32 vision features equals training from frames (CLIP online)."""
+    assert preprocess.main(["--stage", "features", "--out", str(data_root), "--model-config", "tiny",
+                            "--feature-dtype", "float32", "--splits", "train"]) == 0
+    online, cached = f"on-{uuid.uuid4().hex[:8]}", f"fc-{uuid.uuid4().hex[:8]}"
+    assert run_training(data_root, tmp_path, online, "--max-steps", "2", "--set", "train.feature_cache=off") == 0
+    assert run_training(data_root, tmp_path, cached, "--max-steps", "2", "--set", "train.feature_cache=on") == 0
+    _, a = metric_history(mlflow_uri, online)
+    _, b = metric_history(mlflow_uri, cached)
+    for step in (1, 2):
+        assert b["train/loss"][step] == pytest.approx(a["train/loss"][step], rel=1e-5)
+    assert b["eval/fixed_batch_loss"][2] == pytest.approx(a["eval/fixed_batch_loss"][2], rel=1e-5)
