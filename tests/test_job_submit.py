@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -38,20 +42,54 @@ def submit(*args, env, timeout):
     return done
 
 
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
 @pytest.fixture()
 def head_node(tmp_path):
+    """A head node of its own (own temp dir, own process group), stopped by killing that group:
+    ``ray stop`` would also kill the test session's local Ray, and with it this process."""
     # `python` in the job entrypoint must be this environment's interpreter, as on a cluster image
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    started = ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={GCS_PORT}", "--num-cpus=2",
-                      "--object-store-memory=1000000000", "--dashboard-host=127.0.0.1",
-                      f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats", env=env)
+    ray = str(Path(sys.executable).parent / "ray")
+    temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Unix socket paths are limited
+    # The session's local Ray already holds the default agent ports: give this node free ones.
+    agent_port, agent_grpc_port, metrics_port = free_ports(3)
+    head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={GCS_PORT}",
+                             f"--dashboard-agent-listen-port={agent_port}", f"--dashboard-agent-grpc-port={agent_grpc_port}",
+                             f"--metrics-export-port={metrics_port}",
+                             "--num-cpus=2", "--object-store-memory=1000000000", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    address = f"http://127.0.0.1:{DASHBOARD_PORT}"
     try:
-        assert started.returncode == 0, started.stderr[-2000:]
-        yield env, f"http://127.0.0.1:{DASHBOARD_PORT}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except OSError:
+                if head.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"head node did not start: {head.stdout.read()[-2000:]}")
+                time.sleep(1)
+        yield env, address
     finally:
-        ray_cli("stop", "--force", env=env)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_training_submitted_as_a_ray_job(head_node, tmp_path):
