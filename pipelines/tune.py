@@ -12,6 +12,7 @@ at its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, init_ray, setup_logging
 from pipelines.train import DEFAULT_STORAGE, launch  # noqa: E402
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
+TRIAL_CPUS = 0.01  # Tune needs a non-empty bundle; the trial itself only waits for its TorchTrainer
 
 
 def search_space(spec: dict) -> dict:
@@ -77,9 +79,16 @@ def main(argv=None) -> int:
     with open(args.search_space) as f:
         spec = yaml.safe_load(f)
     space = search_space(spec)
+    from handsonvlm.config import load_preset
+    from pipelines import tracking
+
+    # Trials run in their own working directories: hand them absolute paths and one tracking URI.
+    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri())
     overrides = list(args.set)
-    if args.data:
-        overrides.append(f"train.data={args.data}")
+    train_section = load_preset(args.config, overrides).get("train", {})
+    for key, value in (("data", args.data or train_section.get("data")), ("export_dir", train_section.get("export_dir"))):
+        if value and "://" not in str(value):
+            overrides.append(f"train.{key}={Path(value).absolute()}")
     if args.max_steps:
         overrides.append(f"train.max_steps={args.max_steps}")
     sweep = args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -87,7 +96,7 @@ def main(argv=None) -> int:
     init_ray(args.ray_address, args.num_cpus, DEFAULT_OBJECT_STORE_BYTES)
     trainable = tune.with_parameters(trial, base_overrides=overrides, preset=args.config, sweep=sweep, storage=storage)
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": 0}),  # the trial only waits; its Ray Train workers hold the CPUs
+        tune.with_resources(trainable, {"cpu": TRIAL_CPUS}),  # the trial only waits; its Train workers hold the CPUs
         param_space=space,
         tune_config=tune.TuneConfig(metric=spec.get("metric", "fixed_batch_loss"), mode=spec.get("mode", "min"),
                                     num_samples=int(spec.get("num_samples", 1)),

@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 
 from preprocessing import storage
 from preprocessing.quarantine import Quarantine
-from preprocessing.samples import STATE_DIR
+from preprocessing.samples import STATE_DIR, is_done
 from preprocessing.samples import shard_paths as sample_shard_paths
 from preprocessing.schema import SCHEMA_VERSION, fixed_tensor, tensor_array, tensor_column
 
@@ -361,15 +361,6 @@ def read_vision_config(out: str, key: str) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the Ray Data job
 
-def _is_done(paths: dict[str, str], fingerprint: str) -> bool:
-    if not (storage.exists(paths["done"]) and storage.exists(paths["features"])):
-        return False
-    try:
-        return storage.read_json(paths["done"]).get("fingerprint") == fingerprint
-    except (ValueError, OSError):
-        return False
-
-
 def _shard_ids(uri: str, suffix: str) -> set[str]:
     return {f.rsplit("/", 1)[-1][: -len(suffix)] for f in storage.list_files(uri, suffix)}
 
@@ -469,7 +460,7 @@ def run_features_stage(out: str, splits: Sequence[str], cfg, dtype: str = DEFAUL
                               "stale_shards_removed": removed}
         for spec in specs:
             paths = feature_paths(out, key, split, spec["shard_id"])
-            if _is_done(paths, spec["fingerprint"]):
+            if is_done(paths, spec["fingerprint"], output="features"):
                 summary = dict(storage.read_json(paths["done"]))
                 summary["skipped"] = True
                 summaries.append(summary)

@@ -60,8 +60,9 @@ def shard_fingerprint(rows_ipc: bytes, media: MediaConfig) -> str:
     return hashlib.sha256(rows_ipc + media.fingerprint_salt().encode()).hexdigest()[:24]
 
 
-def is_done(paths: dict[str, str], fingerprint: str) -> bool:
-    if not (storage.exists(paths["done"]) and storage.exists(paths["samples"])):
+def is_done(paths: dict[str, str], fingerprint: str, output: str = "samples") -> bool:
+    """Whether a shard's ``output`` file and its done marker exist and the marker matches ``fingerprint``."""
+    if not (storage.exists(paths["done"]) and storage.exists(paths[output])):
         return False
     try:
         return storage.read_json(paths["done"]).get("fingerprint") == fingerprint
