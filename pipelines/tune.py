@@ -53,9 +53,14 @@ def trial(params: dict, base_overrides: list[str], preset: str, sweep: str, stor
     overrides = base_overrides + [f"{k}={v}" for k, v in params.items()]
     config = resolve_config(argparse.Namespace(config=preset, set=overrides, data=None, max_steps=None,
                                                num_workers=None, zero_stage=None))
+    import ray
+
     run_name = f"{sweep}-{tune.get_context().get_trial_id()}"
-    out = launch(config, run_name, storage, extra_tags={"sweep": sweep, "stage": "tune",
-                                                        **{f"tune.{k}": str(v) for k, v in params.items()}})
+    tags = {"sweep": sweep, "stage": "tune", **{f"tune.{k}": str(v) for k, v in params.items()}}
+    # A Tune trial captures the tasks it starts into its own (tiny) placement group, where the
+    # TorchTrainer's workers would never fit: launch the run from a task scheduled outside it.
+    launcher = ray.remote(num_cpus=0)(launch).options(scheduling_strategy="DEFAULT")
+    out = ray.get(launcher.remote(config, run_name, storage, extra_tags=tags))
     if not out["ok"]:
         raise RuntimeError(f"trial {run_name} failed")
     tune.report({"fixed_batch_loss": out["metrics"]["fixed_batch_loss"], "mlflow_run_id": out["run_id"]})
