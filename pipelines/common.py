@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 
@@ -35,3 +36,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         return
     ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
              include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env_vars} if env_vars else None)
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

@@ -92,7 +92,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 import numpy as np  # noqa: E402
 
 from pipelines import tracking  # noqa: E402
-from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, init_ray, setup_logging  # noqa: E402
+from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, init_ray, positive_int, setup_logging  # noqa: E402
 
 log = logging.getLogger("evaluate")
 
@@ -437,13 +437,6 @@ def find_training_run(mlflow_client, exp_id: str, model_dir: str) -> tuple[str, 
 
 
 # ---------------------------------------------------------------------------------------- CLI
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -451,15 +444,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", required=True, help="preprocessing output root (holds samples/<split>/)")
     p.add_argument("--split", default="validation")
     p.add_argument("--task", choices=("vhp", "rbhp", "both"), default="both")
-    p.add_argument("--num-samples", type=_positive_int, default=1, help="K stochastic samples per clip")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="K stochastic samples per clip")
     p.add_argument("--seed", type=int, default=0, help="seeds prompts, sampling and the question shuffle")
-    p.add_argument("--limit", type=_positive_int, help="evaluate the first N clips (sample_id order)")
+    p.add_argument("--limit", type=positive_int, help="evaluate the first N clips (sample_id order)")
     p.add_argument("--shuffle-questions", action="store_true", help="also ask each clip another clip's question")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="clips per map_batches call")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="clips per map_batches call")
     p.add_argument("--temperature", type=float, default=0.5, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
-    p.add_argument("--replicas", type=_positive_int, help="model replicas (default: #GPUs, else 1)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64)
+    p.add_argument("--replicas", type=positive_int, help="model replicas (default: #GPUs, else 1)")
     p.add_argument("--run-name", help="MLflow run / output folder name (default: eval-<model>-<split>-<time>)")
     p.add_argument("--gallery", type=int, default=8, help="overlay PNGs per task")
     p.add_argument("--no-mlflow", action="store_true")

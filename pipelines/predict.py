@@ -71,6 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 import numpy as np  # noqa: E402
 
+from pipelines.common import positive_int  # noqa: E402
 from preprocessing.window import NUM_OBS_FRAMES, OBS_FPS  # noqa: E402
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -322,13 +323,6 @@ def write_overlays(observation: Observation, pred: np.ndarray | None, out: str |
 
 
 # ---------------------------------------------------------------------------------------- CLI
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0],
                                 epilog="Details (window, coordinates, drawing): the docstring of pipelines/predict.py "
@@ -339,11 +333,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--frames", help="a directory of .jpg/.png frames at 4 fps, sorted by name; the last 10 are used")
     p.add_argument("--question", required=True, help='e.g. "Where should my hand move to if I want to open the fridge?"')
     p.add_argument("--at", type=float, help="--video only: time (s) of the last observed frame (default: the last frame)")
-    p.add_argument("--num-samples", type=_positive_int, default=1, help="K answers, each with its own trajectory (default: %(default)s)")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="K answers, each with its own trajectory (default: %(default)s)")
     p.add_argument("--temperature", type=float, default=0.5, help="0 = greedy, deterministic (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seeds token and CVAE sampling (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=DEFAULT_MAX_NEW_TOKENS,
+    p.add_argument("--max-new-tokens", type=positive_int, default=DEFAULT_MAX_NEW_TOKENS,
                    help="answer length limit (default: %(default)s, as the release)")
     p.add_argument("--draw", choices=DRAW_MODES, default="mean",
                    help="what --out/--png draw: the mean over complete samples, or the first complete sample (default: %(default)s)")
