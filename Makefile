@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 DEMO_DIR ?= runs/demo
 DEMO_VIDEOS ?= 24
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo bench bench-full clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,12 @@ demo: setup
 		--questions $(DEMO_DIR)/synth/handsonvlm_assets \
 		--labels $(DEMO_DIR)/synth/hoi_forecast/ek100 \
 		--out $(DEMO_DIR)/data --stage all
+
+bench: setup
+	$(PY) bench/run.py --quick --out bench/results.json --markdown bench/RESULTS.md
+
+bench-full: setup
+	$(PY) bench/run.py --out bench/results.json --markdown bench/RESULTS.md
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache

@@ -25,7 +25,9 @@ from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, init_ray, setup_logging
 from pipelines.train import DEFAULT_STORAGE, launch  # noqa: E402
 
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
-TRIAL_CPUS = 0.01  # Tune needs a non-empty bundle; the trial itself only waits for its TorchTrainer
+# The trial only waits for its TorchTrainer, so it reserves no CPU: Tune needs a non-empty bundle,
+# and even 0.01 CPU starves the workers' Ray Data reads, whose file-listing task asks for a whole CPU.
+TRIAL_RESOURCES = {"cpu": 0, "memory": 64 * 1024**2}
 
 
 def search_space(spec: dict) -> dict:
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
     init_ray(args.ray_address, args.num_cpus, DEFAULT_OBJECT_STORE_BYTES)
     trainable = tune.with_parameters(trial, base_overrides=overrides, preset=args.config, sweep=sweep, storage=storage)
     tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": TRIAL_CPUS}),  # the trial only waits; its Train workers hold the CPUs
+        tune.with_resources(trainable, TRIAL_RESOURCES),
         param_space=space,
         tune_config=tune.TuneConfig(metric=spec.get("metric", "fixed_batch_loss"), mode=spec.get("mode", "min"),
                                     num_samples=int(spec.get("num_samples", 1)),

@@ -1,10 +1,14 @@
-"""`ray start --head` on loopback + `ray job submit` of a short training: the cluster path works.
+"""`ray start --head` on loopback + preprocess -> train -> evaluate as three `ray job submit` jobs.
 
+The cluster path of docs/CLUSTER.md on one machine: each stage is its own job, the stages hand on
+their outputs through paths, and MLflow (sqlite here, named by MLFLOW_TRACKING_URI in the jobs'
+runtime env as on a cluster) ends up with the training run and the evaluation run linked to it.
 The cluster is stopped afterwards even when the test fails.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -92,26 +96,54 @@ def head_node(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def test_training_submitted_as_a_ray_job(head_node, tmp_path):
+@pytest.mark.timeout(900)  # three jobs, each importing torch/Ray on a 2-CPU machine
+def test_three_stages_submitted_as_ray_jobs(head_node, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import tracking
     from preprocessing.synthetic import generate
 
     env, address = head_node
-    tree, data = tmp_path / "synth", tmp_path / "data"
+    tree, data, models = tmp_path / "synth", tmp_path / "data", tmp_path / "models"
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     generate(str(tree), videos=3, actions_per_video=4, seed=0, workers=1)  # 2 train shards: one per worker
-    # preprocess as a job too, then train: the entry points run unchanged on a cluster
-    common = ["--address", address, "--working-dir", str(REPO_ROOT),
-              "--runtime-env-json", '{"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}}', "--"]
+    # the entry points run unchanged on a cluster; only the job's runtime env says where MLflow is
+    runtime_env = {"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": mlflow_uri}}
+    common = ["--address", address, "--working-dir", str(REPO_ROOT), "--runtime-env-json", json.dumps(runtime_env), "--"]
     pre = submit(*common, "python", "pipelines/preprocess.py", "--epic-root", str(tree / "EPIC-KITCHENS"),
-                  "--annotations", str(tree / "annotations"), "--labels", str(tree / "hoi_forecast" / "ek100"),
-                  "--questions", str(tree / "handsonvlm_assets"), "--out", str(data), "--no-progress",
-                  env=env, timeout=300)
+                 "--annotations", str(tree / "annotations"), "--labels", str(tree / "hoi_forecast" / "ek100"),
+                 "--questions", str(tree / "handsonvlm_assets"), "--out", str(data), "--no-progress",
+                 env=env, timeout=300)
     assert pre.returncode == 0, pre.stdout[-3000:] + pre.stderr[-3000:]
+
     name = f"job-{uuid.uuid4().hex[:8]}"
     run = submit(*common, "python", "pipelines/train.py", "--config", "tiny", "--data", str(data),
-                  "--run-name", name, "--max-steps", "2", "--storage", str(tmp_path / "ray_results"),
-                  "--set", f"train.export_dir={tmp_path / 'models'}", "--set", "train.micro_batch_size=2",
-                  "--set", "train.log_every=1", "--no-mlflow", env=env, timeout=600)
+                 "--run-name", name, "--max-steps", "2", "--storage", str(tmp_path / "ray_results"),
+                 "--set", f"train.export_dir={models}", "--set", "train.micro_batch_size=2",
+                 "--set", "train.log_every=1", env=env, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "[train] step 2/2" in run.stdout and "succeeded" in run.stdout
-    assert (tmp_path / "models" / name / "model.safetensors").exists()
+    assert (models / name / "model.safetensors").exists()
     shutil.rmtree(tmp_path / "ray_results", ignore_errors=True)
+
+    eval_name = f"eval-{name}"
+    evaluation = submit(*common, "python", "pipelines/evaluate.py", "--model", str(models / name), "--data", str(data),
+                        "--split", "train", "--task", "vhp", "--num-samples", "1", "--limit", "2",
+                        "--max-new-tokens", "8", "--batch-size", "2", "--replicas", "1", "--gallery", "1",
+                        "--run-name", eval_name, env=env, timeout=600)
+    assert evaluation.returncode == 0, evaluation.stdout[-3000:] + evaluation.stderr[-3000:]
+    assert "succeeded" in evaluation.stdout
+    summary = json.loads((data / "eval" / eval_name / "metrics.json").read_text())
+
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    experiment = client.get_experiment_by_name(tracking.EXPERIMENT)
+    assert experiment is not None
+    (train_run,) = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'train'")
+    (eval_run,) = client.search_runs([experiment.experiment_id], filter_string="tags.stage = 'eval'")
+    assert train_run.info.status == eval_run.info.status == "FINISHED"
+    assert train_run.data.tags[tracking.RUN_NAME_TAG] == name
+    assert any(key.startswith("train/") for key in train_run.data.metrics), train_run.data.metrics
+    assert "model" in {a.path for a in client.list_artifacts(train_run.info.run_id)}
+    assert eval_run.data.tags["train_run_id"] == train_run.info.run_id
+    assert eval_run.data.metrics["vhp/n_clips"] == 2 and "vhp/coverage" in eval_run.data.metrics
+    assert summary["mlflow_run_id"] == eval_run.info.run_id

@@ -108,3 +108,21 @@ def test_feature_cache_gives_the_online_result(data_root, tmp_path, mlflow_uri):
         assert b["train/loss"][step] == pytest.approx(a["train/loss"][step], rel=1e-5)
     assert b["eval/fixed_batch_loss"][2] == pytest.approx(a["eval/fixed_batch_loss"][2], rel=1e-5)
 
+
+def test_tune_sweep_logs_one_mlflow_run_per_trial(data_root, tmp_path, mlflow_uri):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import tune
+
+    space = tmp_path / "space.yaml"
+    space.write_text("metric: fixed_batch_loss\nmode: min\nparams:\n  train.lr: {grid: [1.0e-3, 3.0e-3]}\n")
+    sweep = f"sw-{uuid.uuid4().hex[:6]}"
+    assert tune.main(["--config", "tiny", "--search-space", str(space), "--data", str(data_root), "--max-steps", "1",
+                      "--name", sweep, "--storage", str(tmp_path / "ray_results"),
+                      "--set", f"train.export_dir={tmp_path / 'models'}", "--set", "train.micro_batch_size=2"]) == 0
+    client = MlflowClient(mlflow_uri)
+    exp = client.get_experiment_by_name("handsonvlm")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.sweep = '{sweep}'")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(r.data.params["train.lr"] for r in runs) == ["0.001", "0.003"]
+    assert all("eval/fixed_batch_loss" in r.data.metrics for r in runs)

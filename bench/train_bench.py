@@ -1,0 +1,193 @@
+"""Training: the Ray Train + DeepSpeed ZeRO-2 loop (2 workers) vs a plain single-process PyTorch
+loop on the same model, data and total cores; and either loop with vs without the feature cache.
+
+Ray side: :func:`pipelines.train.launch` on the tiny preset (the real job: Ray Data reading, the
+seeded task mixture, DeepSpeed, gloo) with MLflow logging into a private sqlite store. The loop
+logs ``train/samples_per_s`` once every ``log_every`` steps, measured over those steps; the
+windows that contain warm-up steps are dropped and the median of the others is the rate.
+
+Plain side (:func:`plain_loop`): one process, ``torch.set_num_threads(total cores)``, global batch
+= workers x micro-batch, the same model constructor, optimizer, LR schedule, gradient clipping and
+batch building (``pipelines.training.rows_to_batch``, ``FeatureLookup``, ``epoch_files``) with the
+shards read by pyarrow instead of Ray Data. It times the same windows the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from bench.common import Sizes, median, timed
+from pipelines import train as train_job
+from pipelines.training import (
+    TRAIN_COLUMNS,
+    FeatureLookup,
+    epoch_files,
+    feature_cache_plan,
+    lr_lambda,
+    plan_data,
+    rows_to_batch,
+)
+
+NUM_WORKERS = 2
+ZERO_STAGE = 2
+
+
+def job_config(data_root: Path, sizes: Sizes, feature_cache: str, export_dir: Path) -> dict:
+    """The resolved tiny-preset config of ``pipelines/train.py`` for one benchmark run."""
+    steps = sizes.train_warmup_steps + sizes.train_steps
+    args = train_job.parse_args([
+        "--config", "tiny", "--data", str(data_root), "--max-steps", str(steps), "--num-workers", str(NUM_WORKERS),
+        "--zero-stage", str(ZERO_STAGE), "--set", f"train.micro_batch_size={sizes.micro_batch}",
+        "--set", f"train.log_every={sizes.train_log_every}", "--set", f"train.checkpoint_every={steps}",
+        "--set", f"train.feature_cache={feature_cache}", "--set", f"train.export_dir={export_dir}"])
+    return train_job.resolve_config(args)
+
+
+def steady_windows(history: dict[int, float], warmup_steps: int) -> list[float]:
+    """Rates of the windows that end after the warm-up steps, in step order."""
+    return [history[step] for step in sorted(history) if step > warmup_steps]
+
+
+@contextmanager
+def tracking_uri(uri: str):
+    """MLFLOW_TRACKING_URI = ``uri`` for the driver of one run (the job reads it), restored afterwards."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI")
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def ray_train_rate(data_root: Path, workdir: Path, sizes: Sizes, feature_cache: str, run_name: str) -> dict:
+    """Samples/s of the real training job (median over post-warm-up windows) and its wall time."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{(workdir / 'mlflow.db').absolute()}"
+    config = job_config(data_root, sizes, feature_cache, workdir / "models")
+    with tracking_uri(uri):
+        wall, out = timed(lambda: train_job.launch(config, run_name, storage=str(workdir / "ray_results")))
+    if not out["ok"]:
+        raise RuntimeError(f"training run {run_name} failed")
+    history = MlflowClient(uri).get_metric_history(out["run_id"], "train/samples_per_s")
+    windows = steady_windows({m.step: m.value for m in history}, sizes.train_warmup_steps)
+    return {"windows_samples_per_s": windows, "samples_per_s": median(windows), "job_wall_s": wall,
+            "steps": sizes.train_warmup_steps + sizes.train_steps}
+
+
+def read_rows(files: list[str]) -> list[dict]:
+    """Rows of ``files`` in order, with their shard ``path`` (as Ray Data's include_paths gives)."""
+    rows = []
+    for path in files:
+        rows += [{**row, "path": path} for row in pq.read_table(path, columns=TRAIN_COLUMNS).to_pylist()]
+    return rows
+
+
+def plain_loop(data_root: Path, sizes: Sizes, feature_cache: str, threads: int) -> dict:
+    """A single-process PyTorch loop on the Ray job's model, batches and optimizer settings."""
+    from handsonvlm.config import ModelConfig, TrainConfig
+    from handsonvlm.mixture import Mixture
+    from handsonvlm.model import HandsOnVLM
+
+    config = job_config(data_root, sizes, feature_cache, data_root / "unused-exports")
+    train, cfg = TrainConfig.from_dict(config["train"]), ModelConfig.from_dict(config["model"])
+    batch_size = train.micro_batch_size * NUM_WORKERS  # the Ray job's global batch
+    samples_dir = f"{str(data_root).rstrip('/')}/samples/{train.split}"
+    plan = plan_data(samples_dir, 1, batch_size, 1)
+    cache = feature_cache_plan(str(data_root), train.split, plan["files"][0], config["model"], feature_cache)
+    features = FeatureLookup(**cache) if cache else None
+    if feature_cache == "on" and features is None:
+        raise FileNotFoundError("feature cache requested but not available")
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(train.seed)
+        model = HandsOnVLM(cfg).train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=train.lr, betas=train.betas, eps=train.eps,
+                                      weight_decay=train.weight_decay)
+        total = plan["steps_per_epoch"] * train.epochs
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, train.warmup_ratio, train.lr_schedule))
+        mixture = Mixture.from_config(train.to_dict(), model_cfg=cfg)
+        generator = torch.Generator().manual_seed(train.seed)
+        device = torch.device("cpu")
+
+        step_seconds: list[float] = []
+        epoch = 0
+        while len(step_seconds) < sizes.train_warmup_steps + sizes.train_steps:
+            # Reading is timed with the step it feeds, as the Ray loop's windows include its reads.
+            start = time.perf_counter()
+            rows = iter(read_rows(epoch_files(plan["files"][0], train.seed, epoch, 0)))
+            read_s = time.perf_counter() - start
+            for _ in range(plan["steps_per_epoch"]):
+                if len(step_seconds) >= sizes.train_warmup_steps + sizes.train_steps:
+                    break
+                start = time.perf_counter()
+                batch, _ = rows_to_batch([next(rows) for _ in range(batch_size)], model, mixture, epoch, device,
+                                         features)
+                out = model(**batch, generator=generator)
+                optimizer.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                step_seconds.append(time.perf_counter() - start + read_s)
+                read_s = 0.0
+            epoch += 1
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    measured = step_seconds[sizes.train_warmup_steps:]
+    windows = [batch_size * len(chunk) / sum(chunk) for chunk in
+               (measured[i:i + sizes.train_log_every] for i in range(0, len(measured), sizes.train_log_every))]
+    return {"windows_samples_per_s": windows, "samples_per_s": median(windows), "batch": batch_size,
+            "threads": threads, "step_s_median": median(measured)}
+
+
+def build_feature_cache(data_root: Path, processes: int) -> float:
+    """Run the features stage (tiny preset's tower, float32) on the train split; returns its seconds."""
+    from handsonvlm.config import load_model_config
+    from preprocessing.features import run_features_stage
+
+    seconds, _ = timed(lambda: run_features_stage(str(data_root), ["train"], load_model_config("tiny"), "float32",
+                                                  actors=processes, progress=False))
+    return seconds
+
+
+def bench_train(data_root: Path, workdir: Path, sizes: Sizes, total_cores: int) -> dict:
+    """train_overhead_ratio = Ray/plain samples/s (no cache); feature_cache_speedup = cache/no cache (Ray)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%H%M%S")
+    result = {"workers": NUM_WORKERS, "zero_stage": ZERO_STAGE, "micro_batch_per_worker": sizes.micro_batch,
+              "total_cores": total_cores, "warmup_steps": sizes.train_warmup_steps, "measured_steps": sizes.train_steps,
+              "log_every": sizes.train_log_every}
+    result["plain_online"] = plain_loop(data_root, sizes, "off", total_cores)
+    result["ray_online"] = ray_train_rate(data_root, workdir, sizes, "off", f"bench-online-{stamp}")
+    result["feature_stage_s"] = build_feature_cache(data_root, total_cores)
+    result["plain_cached"] = plain_loop(data_root, sizes, "on", total_cores)
+    result["ray_cached"] = ray_train_rate(data_root, workdir, sizes, "on", f"bench-cached-{stamp}")
+    result["train_overhead_ratio"] = result["ray_online"]["samples_per_s"] / result["plain_online"]["samples_per_s"]
+    result["train_overhead_ratio_cached"] = result["ray_cached"]["samples_per_s"] / result["plain_cached"]["samples_per_s"]
+    result["feature_cache_speedup"] = result["ray_cached"]["samples_per_s"] / result["ray_online"]["samples_per_s"]
+    result["feature_cache_speedup_plain"] = result["plain_cached"]["samples_per_s"] / result["plain_online"]["samples_per_s"]
+    return result
+
+
+def profile_plain_step(data_root: Path, sizes: Sizes, threads: int) -> str:
+    """cProfile of the plain loop for one warm-up and one measured step (online CLIP)."""
+    from dataclasses import replace
+
+    from bench.common import profile_top
+
+    one_step = replace(sizes, train_warmup_steps=1, train_steps=1, train_log_every=1)
+    return profile_top(lambda: plain_loop(data_root, one_step, "off", threads))
