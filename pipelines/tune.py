@@ -12,7 +12,6 @@ at its last checkpoint.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ def search_space(spec: dict) -> dict:
     return space
 
 
-def trial(params: dict, base_overrides: list[str], preset: str, sweep: str, storage: str) -> None:
+def trial(params: dict, base_overrides: list[str], preset: str, sweep: str, storage: str, tracking_uri: str) -> None:
     """One Tune trial: the preset plus this trial's values, trained and reported."""
     from ray import tune
 
@@ -61,7 +60,9 @@ def trial(params: dict, base_overrides: list[str], preset: str, sweep: str, stor
     tags = {"sweep": sweep, "stage": "tune", **{f"tune.{k}": str(v) for k, v in params.items()}}
     # A Tune trial captures the tasks it starts into its own (tiny) placement group, where the
     # TorchTrainer's workers would never fit: launch the run from a task scheduled outside it.
-    launcher = ray.remote(num_cpus=0)(launch).options(scheduling_strategy="DEFAULT")
+    # Ray workers keep the environment of the Ray they belong to: hand the driver's tracking URI on.
+    launcher = ray.remote(num_cpus=0)(launch).options(
+        scheduling_strategy="DEFAULT", runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking_uri}})
     out = ray.get(launcher.remote(config, run_name, storage, extra_tags=tags))
     if not out["ok"]:
         raise RuntimeError(f"trial {run_name} failed")
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
     from pipelines import tracking
 
     # Trials run in their own working directories: hand them absolute paths and one tracking URI.
-    os.environ.setdefault("MLFLOW_TRACKING_URI", tracking.tracking_uri())
+    tracking_uri = tracking.tracking_uri()
     overrides = list(args.set)
     train_section = load_preset(args.config, overrides).get("train", {})
     for key, value in (("data", args.data or train_section.get("data")), ("export_dir", train_section.get("export_dir"))):
@@ -101,7 +102,8 @@ def main(argv=None) -> int:
     sweep = args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     storage = args.storage if "://" in args.storage else str(Path(args.storage).absolute())
     init_ray(args.ray_address, args.num_cpus, DEFAULT_OBJECT_STORE_BYTES)
-    trainable = tune.with_parameters(trial, base_overrides=overrides, preset=args.config, sweep=sweep, storage=storage)
+    trainable = tune.with_parameters(trial, base_overrides=overrides, preset=args.config, sweep=sweep, storage=storage,
+                                     tracking_uri=tracking_uri)
     tuner = tune.Tuner(
         tune.with_resources(trainable, TRIAL_RESOURCES),
         param_space=space,
