@@ -14,6 +14,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 DEMO_DIR ?= runs/demo
 DEMO_VIDEOS ?= 24
+DEMO_RUN ?= demo-tiny
 
 .PHONY: setup test test-fast demo bench bench-full clean
 
@@ -39,6 +40,11 @@ demo: setup
 		--questions $(DEMO_DIR)/synth/handsonvlm_assets \
 		--labels $(DEMO_DIR)/synth/hoi_forecast/ek100 \
 		--out $(DEMO_DIR)/data --stage all
+	$(PY) pipelines/preprocess.py --out $(DEMO_DIR)/data --stage features --model-config tiny
+	$(PY) pipelines/train.py --config tiny --data $(DEMO_DIR)/data --run-name $(DEMO_RUN)
+	$(PY) pipelines/evaluate.py --model runs/models/$(DEMO_RUN) --data $(DEMO_DIR)/data --split validation \
+		--task both --shuffle-questions --run-name $(DEMO_RUN)-eval
+	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db  (http://127.0.0.1:5000)"
 
 bench: setup
 	$(PY) bench/run.py --quick --out bench/results.json --markdown bench/RESULTS.md
