@@ -7,6 +7,7 @@ import logging
 import os
 
 DEFAULT_OBJECT_STORE_BYTES = 1 << 30  # a bounded store leaves room for workers on small machines
+LOCAL_DASHBOARD_HOST = "127.0.0.1"
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -34,8 +35,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         # would conflict with it.
         ray.init(address=address)
         return
+    # No dashboard locally; should one be turned on, it listens on loopback only (Ray's own default
+    # is also 127.0.0.1, pinned here so that a changed default cannot expose it).
     ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
-             include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": env_vars} if env_vars else None)
+             include_dashboard=False, dashboard_host=LOCAL_DASHBOARD_HOST, log_to_driver=True,
+             runtime_env={"env_vars": env_vars} if env_vars else None)
 
 
 def positive_int(text: str) -> int:

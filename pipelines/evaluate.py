@@ -110,6 +110,8 @@ class EvalError(Exception):
 
 
 # ---------------------------------------------------------------------------------------- jobs
+NO_COMPLETE_SAMPLE = "no complete sample"  # the error note of a clip whose K samples all lack hand tokens
+
 def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
     """A random permutation without fixed points (Sattolo's algorithm: one n-cycle); n >= 2."""
     perm = np.arange(n)
@@ -280,7 +282,8 @@ def variant_metrics(preds: list[dict], clips: dict, K: int) -> dict:
     gt, valid = fh[:, :, 1:], np.stack([clips[i]["future_valid"] for i in ids])
     pred = np.stack([np.asarray(p["trajectories"], np.float64).reshape(K, 2, NUM_FUTURE, 2) for p in preds])
     complete = np.stack([np.asarray(p["complete"], bool).reshape(K) for p in preds])
-    errors = np.array([bool(p["error"]) for p in preds])
+    # "no complete sample" notes are failures but not errors: generation ran and ended without hands
+    errors = np.array([bool(p["error"]) and not p["error"].startswith(NO_COMPLETE_SAMPLE) for p in preds])
     out = trajectory_metrics(fill_missing(pred, fh), gt, valid)
     out.update({f"complete_only/{k}": v for k, v in complete_only_metrics(pred, complete, gt, valid).items()})
     out["coverage"] = float(complete.mean(1).mean())
@@ -519,7 +522,7 @@ def run(args: argparse.Namespace, generate_fn=None) -> dict:
             for key in ("trajectories", "complete", "hand_counts"):
                 p[key] = list(p[key])
             if not p["error"] and not any(p["complete"]):
-                p["error"] = (f"no complete sample: hand tokens per sample {[int(c) for c in p['hand_counts']]}, "
+                p["error"] = (f"{NO_COMPLETE_SAMPLE}: hand tokens per sample {[int(c) for c in p['hand_counts']]}, "
                               f"{NUM_FUTURE} expected")
         missing = {(j["sample_id"], j["task"], j["variant"]) for j in jobs} - \
             {(p["sample_id"], p["task"], p["variant"]) for p in preds}

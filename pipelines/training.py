@@ -8,6 +8,15 @@ it to Ray Train; a re-run with the same run name resumes exactly where the last 
 off (step, optimizer and scheduler state, position in the epoch, RNG). Rank 0 logs to MLflow and
 prints one progress line every ``log_every`` steps; at the end the consolidated model is exported
 with ``HandsOnVLM.save_pretrained`` (loadable without DeepSpeed or Ray).
+
+Every restore from a checkpoint (a re-run with the same name, or Ray Train restarting the workers
+after a failure, ``--max-failures``) adds one to the run's ``train/restarts`` metric, logged at the
+step training resumes from.
+
+Test-only fault hook: with ``HANDSONVLM_FAULT_KILL_AT_STEP=N`` and ``HANDSONVLM_FAULT_MARKER=FILE``
+in the workers' environment, the last rank SIGKILLs its own process right after step N, once: it
+creates FILE first, and a worker that finds FILE does not kill itself again (the restarted workers
+pass step N again). tests/test_reliability.py uses it to check the restart path end to end.
 """
 
 from __future__ import annotations
@@ -25,6 +34,9 @@ import torch
 RANK_STATE = "rank_{rank}_state.pt"
 CKPT_TAG = "ckpt"
 FIXED_BATCH_SEED = 1234  # CVAE noise of the fixed-batch loss, identical before and after a restore
+RESTARTS_METRIC = "train/restarts"
+FAULT_STEP_ENV = "HANDSONVLM_FAULT_KILL_AT_STEP"
+FAULT_MARKER_ENV = "HANDSONVLM_FAULT_MARKER"
 TRAIN_COLUMNS = ["sample_id", "narration", "narration_paraphrases", "noun", "rbhp_questions",
                  "future_hands", "future_valid", "obs_jpeg"]
 
@@ -278,7 +290,8 @@ def train_loop_per_worker(config: dict) -> None:
     if progress["step"] == 0 and checkpoint is None:
         logger.log({"eval/fixed_batch_loss": fixed_batch_loss(engine, fixed_batch)}, 0)
     if restored_loss is not None:
-        logger.log({"restore/fixed_batch_loss": restored_loss, "restore/count": 1}, progress["step"])
+        restarts = logger.restarts_so_far() + 1
+        logger.log({"restore/fixed_batch_loss": restored_loss, RESTARTS_METRIC: restarts}, progress["step"])
 
     micro_per_step = train.gradient_accumulation_steps
     start, start_step = time.perf_counter(), progress["step"]
@@ -323,6 +336,7 @@ def train_loop_per_worker(config: dict) -> None:
                           f"{rate:.1f} samples/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
             if step % train.checkpoint_every == 0 or step == total_steps:
                 _report_checkpoint(engine, rank, progress, generator, fixed_batch, last_metrics, logger)
+            _maybe_inject_fault(step, rank, world)
         if progress["step"] < total_steps:
             progress["epoch"] += 1
             progress["micro_in_epoch"] = 0
@@ -345,6 +359,25 @@ def _report_checkpoint(engine, rank, progress, generator, fixed_batch, metrics, 
         report = {**{k.replace("/", "_"): v for k, v in metrics.items()}, "step": progress["step"],
                   "epoch": progress["epoch"], "fixed_batch_loss": loss}
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _maybe_inject_fault(step: int, rank: int, world: int) -> None:
+    """The test-only fault hook of the module docstring: the last rank dies by SIGKILL after step N, once."""
+    kill_at = os.environ.get(FAULT_STEP_ENV)
+    if not kill_at or rank != world - 1 or step != int(kill_at):
+        return
+    marker = os.environ.get(FAULT_MARKER_ENV)
+    if not marker:
+        raise RuntimeError(f"{FAULT_STEP_ENV} needs {FAULT_MARKER_ENV}: without it every restart would die again")
+    try:
+        with open(marker, "x") as f:  # exclusive create: only the first worker to get here fires
+            f.write(f"rank {rank} pid {os.getpid()} killed after step {step}\n")
+    except FileExistsError:
+        return
+    import signal
+
+    print(f"[train] fault hook: rank {rank} (pid {os.getpid()}) kills itself after step {step}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _export(engine, model, export_path: str, rank: int) -> None:
@@ -397,6 +430,13 @@ class _MlflowLogger:
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def restarts_so_far(self) -> int:
+        """Restores this MLflow run has recorded so far (kept in the run itself, so the count survives
+        worker restarts and re-runs alike)."""
+        if self.client is None:
+            return 0
+        return int(max((m.value for m in self.client.get_metric_history(self.run_id, RESTARTS_METRIC)), default=0))
 
     def close(self) -> None:
         self.client = None

@@ -21,6 +21,7 @@ from preprocessing.questions import PARAPHRASE_FILE, QUESTION_FILES, load_paraph
 from preprocessing.quarantine import Quarantine
 from preprocessing.schema import COORD_SPACE, INDEX_SCHEMA, NUM_HANDS, SCHEMA_VERSION, tensor_array
 from preprocessing.window import (
+    NUM_FUTURE_POINTS,
     NUM_OBS_FRAMES,
     action_is_observable,
     convention_fps,
@@ -158,7 +159,8 @@ def _index_split(df, split, n_read, cfg, video_info, questions, paraphrases, lab
     fps = np.array([convention_fps(v, cfg.fps_convention) for v in df["video_id"]], dtype=np.float64)
     obs_idx = observation_frame_indices(df["start_frame"].to_numpy(), fps).reshape(-1, NUM_OBS_FRAMES)
     obs_time = frame_time_s(obs_idx, fps[:, None])
-    future_idx = future_frame_indices(obs_idx[:, -1], fps).reshape(len(df), -1)
+    # explicit width: a split left with no action (e.g. its CSV lacks columns) must still index
+    future_idx = future_frame_indices(obs_idx[:, -1], fps).reshape(len(df), NUM_FUTURE_POINTS)
     obs_paths = [[frame_path(p, v, i) for i in idx] for p, v, idx in zip(df["participant_id"], df["video_id"], obs_idx)]
 
     targets: list[HandTargets] = [missing_targets() for _ in range(len(df))]

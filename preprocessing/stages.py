@@ -110,6 +110,22 @@ def _remove_stale_shards(out: str, split: str, current: set[str]) -> int:
     return removed
 
 
+def _remove_partial_writes(out: str, split: str) -> int:
+    """Delete the temporary files of writes that a killed run left behind (``<file>.tmp-<id>``, see
+    ``storage.write_bytes_atomic``); readers ignore them, but they would pile up over preemptions."""
+    removed = 0
+    for directory, prefix in ((storage.join(out, "samples", split), ""),
+                              (storage.join(out, STATE_DIR, "samples", split), ""),
+                              (storage.join(out, "quarantine"), f"samples-{split}-")):
+        for uri in storage.list_files(directory):
+            name = uri.rsplit("/", 1)[-1]
+            if name.startswith(prefix) and storage.PARTIAL_WRITE_MARK in name:
+                fs, path = storage.resolve(uri)
+                fs.delete_file(path)
+                removed += 1
+    return removed
+
+
 def _process_shard_row(row: dict, media: MediaConfig) -> dict:
     summary = process_shard(row["split"], row["shard_id"], row["rows_ipc"], row["fingerprint"], media)
     # JSON keeps the per-reason counts (different keys per shard) out of Ray Data's type inference.
@@ -138,7 +154,8 @@ def run_samples_stage(out: str, splits: tuple[str, ...], media: MediaConfig, sha
         removed = _remove_stale_shards(out, split, {sid for sid, _ in shards})
         split_stats[split] = {"read": index.num_rows + (n_unlabelled if unlabelled == "skip" else 0),
                               "unlabelled_skipped": n_unlabelled if unlabelled == "skip" else 0,
-                              "shards": len(shards), "stale_shards_removed": removed}
+                              "shards": len(shards), "stale_shards_removed": removed,
+                              "partial_writes_removed": _remove_partial_writes(out, split)}
         for shard_id, rows in shards:
             rows_ipc = table_to_ipc(rows)
             fingerprint = shard_fingerprint(rows_ipc, media)

@@ -85,13 +85,16 @@ def makedirs(uri: str) -> None:
     fs.create_dir(path, recursive=True)
 
 
+PARTIAL_WRITE_MARK = ".tmp-"  # in the name of a local write in progress (or killed mid-way)
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write a whole file so that readers never see a partial one."""
     fs, path = resolve(uri)
     parent = posixpath.dirname(path) if not is_local(uri) else os.path.dirname(path)
     fs.create_dir(parent, recursive=True)
     if is_local(uri):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = f"{path}{PARTIAL_WRITE_MARK}{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from preprocessing import safe_pickle
 from preprocessing import synthetic_scene as scene_lib
 from preprocessing.synthetic_scene import FRAME_H, FRAME_W, SIDES, VOCABULARY, VideoScene
 from preprocessing.window import (
@@ -483,7 +484,7 @@ def language_gap_report(out_dir, split: str = "validation") -> dict:
         median = geometric_median(centres * FRAME_SIZE) / FRAME_SIZE
         for action in video["actions"]:
             with open(out / "hoi_forecast" / "ek100" / "labels" / f"label_{action['hoi_uid']}.pkl", "rb") as f:
-                label = pickle.load(f)
+                label = safe_pickle.loads(f.read())
             num_actions += 1
             past = {s: label["past_hand_centers"][s].astype(np.float64) / FRAME_SIZE for s in SIDES}
             nearest = min(SIDES, key=lambda s: np.linalg.norm((past[s][-1] - median) * FRAME_SIZE))
