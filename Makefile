@@ -13,7 +13,7 @@ export RAY_AUTH_MODE ?= disabled
 export RAY_USAGE_STATS_ENABLED := 0
 
 DEMO_DIR ?= runs/demo
-DEMO_VIDEOS ?= 24
+DEMO_VIDEOS ?= 48
 DEMO_RUN ?= demo-tiny
 
 .PHONY: setup test test-fast demo bench bench-full clean

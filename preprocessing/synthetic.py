@@ -52,7 +52,7 @@ from preprocessing.window import (
 )
 
 GENERATOR_NAME = "SynthKitchens"
-GENERATOR_VERSION = "1.0.0"
+GENERATOR_VERSION = "1.1.0"  # 1.1: objects lie near fixed per-class layout spots
 METADATA_FILE = "synthkitchens.json"
 
 VIDEOS_PER_PARTICIPANT = 3  # P01_01, P01_02, P01_03, P02_01, ...
@@ -462,8 +462,8 @@ def _constant_velocity(past: np.ndarray) -> np.ndarray:
     return past[-1][None, :] + np.arange(1, 5)[:, None] * step[None, :]
 
 
-def language_gap_report(out_dir, split: str = "validation") -> dict:
-    """ADE (normalised coordinates, 4 future points, active hands only) of three reference predictors.
+def language_gap_report(out_dir, split: str = "validation", seed: int = 0) -> dict:
+    """ADE (normalised coordinates, 4 future points, active hands only) of reference predictors.
 
     * ``ade_constant_velocity`` (a): extrapolate the last two observed hand positions.
     * ``ade_text_free_oracle`` (b): knows where the objects are but not which one is meant: the
@@ -471,17 +471,24 @@ def language_gap_report(out_dir, split: str = "validation") -> dict:
       hand keeps constant velocity.
     * ``ade_text_oracle`` (c): knows the target (as the narration/question implies it): every
       active hand moves (minimum jerk, 1 s) to the target's centre.
+    * ``ade_question_only`` (d): reads only the question, not the frames: every active hand moves
+      from its side's resting spot (``HAND_HOME_NORM``) to the named object's layout spot
+      (``KITCHEN_LAYOUT_PX``). What a model can reach without localising anything.
+    * ``ade_shuffled_question`` (e): (d) told another object of the same scene, drawn with
+      ``seed``: what reading the wrong question costs.
     Distances for "nearest" are in pixels; errors in x/456, y/256 units.
     """
     out = Path(out_dir)
     meta = json.loads((out / METADATA_FILE).read_text(encoding="utf-8"))
-    errors = {"cv": [], "text_free": [], "text": []}
+    rng = np.random.default_rng(seed)
+    errors = {"cv": [], "text_free": [], "text": [], "question_only": [], "shuffled_question": []}
     num_actions = 0
     for video in meta["videos"]:
         if video["split"] != split:
             continue
         centres = np.array([o["centre"] for o in video["objects"]], dtype=np.float64)  # normalised
         median = geometric_median(centres * FRAME_SIZE) / FRAME_SIZE
+        names = [o["name"] for o in video["objects"]]
         for action in video["actions"]:
             with open(out / "hoi_forecast" / "ek100" / "labels" / f"label_{action['hoi_uid']}.pkl", "rb") as f:
                 label = safe_pickle.loads(f.read())
@@ -489,26 +496,33 @@ def language_gap_report(out_dir, split: str = "validation") -> dict:
             past = {s: label["past_hand_centers"][s].astype(np.float64) / FRAME_SIZE for s in SIDES}
             nearest = min(SIDES, key=lambda s: np.linalg.norm((past[s][-1] - median) * FRAME_SIZE))
             target = centres[action["target"]]
+            others = [n for i, n in enumerate(names) if i != action["target"]]
+            spot = np.asarray(scene_lib.KITCHEN_LAYOUT_PX[names[action["target"]]]) / FRAME_SIZE
+            wrong_spot = np.asarray(scene_lib.KITCHEN_LAYOUT_PX[others[int(rng.integers(len(others)))]]) / FRAME_SIZE
             for side in label["hand_trajs"]:
                 truth = label["hand_trajs"][side]["traj"][FUTURE_POINTS].astype(np.float64) / FRAME_SIZE
                 cv = _constant_velocity(past[side])
+                home = np.asarray(scene_lib.HAND_HOME_NORM[side])
                 preds = {
                     "cv": cv,
                     "text_free": _min_jerk_path(past[side][-1], median) if side == nearest else cv,
                     "text": _min_jerk_path(past[side][-1], target),
+                    "question_only": _min_jerk_path(home, spot),
+                    "shuffled_question": _min_jerk_path(home, wrong_spot),
                 }
                 for name, pred in preds.items():
                     errors[name].append(float(np.linalg.norm(pred - truth, axis=1).mean()))
-    report = {
-        "split": split,
-        "actions": num_actions,
-        "hand_tracks": len(errors["cv"]),
-        "ade_constant_velocity": float(np.mean(errors["cv"])) if errors["cv"] else float("nan"),
-        "ade_text_free_oracle": float(np.mean(errors["text_free"])) if errors["cv"] else float("nan"),
-        "ade_text_oracle": float(np.mean(errors["text"])) if errors["cv"] else float("nan"),
-    }
+    report = {"split": split, "actions": num_actions, "hand_tracks": len(errors["cv"])}
+    nan = float("nan")
+    report["ade_constant_velocity"] = float(np.mean(errors["cv"])) if errors["cv"] else nan
+    for name in ("text_free", "text"):
+        report[f"ade_{name}_oracle"] = float(np.mean(errors[name])) if errors["cv"] else nan
+    for name in ("question_only", "shuffled_question"):
+        report[f"ade_{name}"] = float(np.mean(errors[name])) if errors["cv"] else nan
     report["text_free_over_cv"] = report["ade_text_free_oracle"] / report["ade_constant_velocity"]
     report["text_over_cv"] = report["ade_text_oracle"] / report["ade_constant_velocity"]
+    report["question_only_over_cv"] = report["ade_question_only"] / report["ade_constant_velocity"]
+    report["shuffled_over_question_only"] = report["ade_shuffled_question"] / report["ade_question_only"]
     return report
 
 
@@ -536,7 +550,8 @@ def main(argv=None) -> dict:
     if summary["actions"]["validation"]:
         gap = language_gap_report(args.out)
         print(f"  validation ADE: constant velocity {gap['ade_constant_velocity']:.4f}, "
-              f"text-free oracle {gap['ade_text_free_oracle']:.4f}, text oracle {gap['ade_text_oracle']:.4f}")
+              f"text-free oracle {gap['ade_text_free_oracle']:.4f}, text oracle {gap['ade_text_oracle']:.4f}, "
+              f"question only {gap['ade_question_only']:.4f} (shuffled {gap['ade_shuffled_question']:.4f})")
     return summary
 
 

@@ -236,6 +236,27 @@ VOCABULARY: dict[str, ObjectKind] = {
 OBJECTS_PER_VIDEO = (5, 6)  # inclusive
 OBJECT_GAP_PX = 8  # minimum free space between object footprints
 PLACEMENT_TRIES = 400
+# The SynthKitchens counter has a fixed layout, like a fitted kitchen where the kettle, the pans
+# and the chopping board each have their usual place: every object class has a home spot (centre,
+# px) and an instance lies within LAYOUT_JITTER_PX of it. Which objects are out differs per video.
+# A fixed layout is what makes the question informative on its own: the noun it names (or
+# implies) says roughly where the hand will go, and the frames refine the exact spot and tell
+# where the hand starts. Without it, a tiny model would have to find a named colour in the
+# pooled patch grid before the question could help, which it does not learn in a CPU demo.
+KITCHEN_LAYOUT_PX = {  # three rows: back (appliances, tall things), middle, front
+    "bottle": (140.0, 70.0),
+    "kettle": (192.0, 62.0),
+    "jar": (238.0, 60.0),
+    "pan": (296.0, 64.0),
+    "knife": (158.0, 120.0),
+    "bowl": (215.0, 118.0),
+    "cup": (264.0, 116.0),
+    "towel": (312.0, 118.0),
+    "plate": (155.0, 163.0),
+    "board:chopping": (222.0, 170.0),
+    "sponge": (290.0, 168.0),
+}
+LAYOUT_JITTER_PX = 8.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,26 +439,27 @@ def _uniform(rng: np.random.Generator, bounds) -> float:
 
 
 def sample_objects(rng: np.random.Generator) -> list[PlacedObject]:
-    """5-6 distinct objects, footprints inside the active region and not overlapping."""
+    """5-6 distinct objects near their KITCHEN_LAYOUT_PX spots, inside the active region and not
+    overlapping (a draw whose jittered footprints collide is redrawn)."""
     x0, y0, x1, y1 = ACTIVE_REGION_PX
     nouns = list(VOCABULARY)
     while True:
         count = int(rng.integers(OBJECTS_PER_VIDEO[0], OBJECTS_PER_VIDEO[1] + 1))
         chosen = [nouns[i] for i in rng.choice(len(nouns), size=count, replace=False)]
-        placed: list[PlacedObject] = []
-        for noun in chosen:
-            hw, hh = VOCABULARY[noun].half_size_px
-            for _ in range(PLACEMENT_TRIES):
-                cx = float(rng.uniform(x0 + hw, x1 - hw))
-                cy = float(rng.uniform(y0 + hh, y1 - hh))
-                if all(abs(cx - o.centre[0]) >= hw + o.half[0] + OBJECT_GAP_PX
-                       or abs(cy - o.centre[1]) >= hh + o.half[1] + OBJECT_GAP_PX for o in placed):
-                    placed.append(PlacedObject(noun, (round(cx, 2), round(cy, 2)), (hw, hh)))
+        for _ in range(PLACEMENT_TRIES):
+            placed: list[PlacedObject] = []
+            for noun in chosen:
+                hw, hh = VOCABULARY[noun].half_size_px
+                ax, ay = KITCHEN_LAYOUT_PX[noun]
+                cx = float(np.clip(ax + rng.uniform(-LAYOUT_JITTER_PX, LAYOUT_JITTER_PX), x0 + hw, x1 - hw))
+                cy = float(np.clip(ay + rng.uniform(-LAYOUT_JITTER_PX, LAYOUT_JITTER_PX), y0 + hh, y1 - hh))
+                if not all(abs(cx - o.centre[0]) >= hw + o.half[0] + OBJECT_GAP_PX
+                           or abs(cy - o.centre[1]) >= hh + o.half[1] + OBJECT_GAP_PX for o in placed):
                     break
-            else:
-                break  # this layout got stuck: draw a new set
-        if len(placed) == count:
-            return placed
+                placed.append(PlacedObject(noun, (round(cx, 2), round(cy, 2)), (hw, hh)))
+            if len(placed) == count:
+                return placed
+        # these objects' spots are too close to ever fit together: draw another set
 
 
 def _wander_bounds(side: str) -> tuple[float, float, float, float]:
