@@ -15,6 +15,9 @@ export RAY_USAGE_STATS_ENABLED := 0
 DEMO_DIR ?= runs/demo
 DEMO_VIDEOS ?= 48
 DEMO_RUN ?= demo-tiny
+# exported models and Ray Train run directories (checkpoints)
+DEMO_MODELS ?= runs/models
+DEMO_CHECKPOINTS ?= runs/ray_results
 
 .PHONY: setup test test-fast demo bench bench-full clean
 
@@ -41,10 +44,11 @@ demo: setup
 		--labels $(DEMO_DIR)/synth/hoi_forecast/ek100 \
 		--out $(DEMO_DIR)/data --stage all
 	$(PY) pipelines/preprocess.py --out $(DEMO_DIR)/data --stage features --model-config tiny
-	$(PY) pipelines/train.py --config tiny --data $(DEMO_DIR)/data --run-name $(DEMO_RUN)
-	$(PY) pipelines/evaluate.py --model runs/models/$(DEMO_RUN) --data $(DEMO_DIR)/data --split validation \
+	$(PY) pipelines/train.py --config tiny --data $(DEMO_DIR)/data --run-name $(DEMO_RUN) \
+		--storage $(DEMO_CHECKPOINTS) --set train.export_dir=$(DEMO_MODELS)
+	$(PY) pipelines/evaluate.py --model $(DEMO_MODELS)/$(DEMO_RUN) --data $(DEMO_DIR)/data --split validation \
 		--task both --shuffle-questions --run-name $(DEMO_RUN)-eval
-	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db  (http://127.0.0.1:5000)"
+	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri $$($(PY) -c 'from pipelines.tracking import tracking_uri; print(tracking_uri())')  (http://127.0.0.1:5000)"
 
 bench: setup
 	$(PY) bench/run.py --quick --out bench/results.json --markdown bench/RESULTS.md

@@ -61,6 +61,9 @@ Metrics (per task; ``T`` = 4 future points; GT = ``future_hands[:, :, 1:]``, val
 * ``<task>/shuffled/<key>``, ``<task>/shuffled/coverage``, ``.../coverage_all_k``,
   ``.../n_clips``, ``.../n_failed`` (``--shuffle-questions``): the clip's own GT against the
   answer to another clip's question, same NaN policy.
+* ``<task>/ade_over_constant_velocity`` and (with ``--shuffle-questions``)
+  ``<task>/shuffled_over_true_ade``: whether the model learned anything (below 1) and whether it
+  reads the question (above 1); ``make demo`` prints both.
 
 Outputs
 -------
@@ -73,7 +76,7 @@ first ``--gallery`` clips per task: the last observed frame with the mean of the
 solid, and the GT, dashed). The same files are logged as artifacts of one MLflow run in experiment
 ``handsonvlm`` (tag ``stage=eval``; ``train_run_id``/``train_run_name`` when ``--model`` matches the
 ``model_path`` tag or the name of a training run). A table (task | ade/fde/wde | baseline ades |
-shuffled ade | coverage) is printed. Exit status 0 on success, 1 when evaluation fails, 2 on a
+shuffled ade | coverage | the two ratios) is printed. Exit status 0 on success, 1 when evaluation fails, 2 on a
 usage error.
 """
 
@@ -97,6 +100,7 @@ from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, init_ray, positive_int,
 log = logging.getLogger("evaluate")
 
 TASKS = ("vhp", "rbhp")
+GROUNDING_BASELINE = "constant_velocity"  # the baseline a learned model is compared with
 VARIANTS = ("question", "shuffled")
 LIGHT_COLUMNS = ["sample_id", "narration", "rbhp_questions", "future_hands", "future_valid",
                  "past_hands", "past_hands_valid"]
@@ -315,7 +319,24 @@ def task_metrics(task: str, preds: list[dict], clips: dict, K: int) -> dict:
     if shuffled:
         out.update({f"{task}/shuffled/{k}": v for k, v in variant_metrics(shuffled, clips, K).items()
                     if not k.startswith("complete_only/")})
+    out.update(learning_ratios(out, task))
     return out
+
+
+def learning_ratios(metrics: dict, task: str) -> dict:
+    """The two numbers that say whether a model learned the task (both ADE ratios):
+    ``<task>/ade_over_constant_velocity`` (below 1: it beats extrapolating the observed motion) and
+    ``<task>/shuffled_over_true_ade`` (above 1: another clip's question makes it worse, i.e. it
+    reads the question). Absent when an input is missing or not positive."""
+    def ratio(num_key: str, den_key: str) -> float | None:
+        num, den = metrics.get(f"{task}/{num_key}"), metrics.get(f"{task}/{den_key}")
+        if num is None or den is None or not (math.isfinite(num) and math.isfinite(den)) or den <= 0:
+            return None
+        return num / den
+
+    ratios = {"ade_over_constant_velocity": ratio("ade", f"baseline_{GROUNDING_BASELINE}/ade"),
+              "shuffled_over_true_ade": ratio("shuffled/ade", "ade")}
+    return {f"{task}/{k}": v for k, v in ratios.items() if v is not None}
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -411,15 +432,21 @@ def _fmt(value) -> str:
 
 def summary_table(metrics: dict, tasks, baselines) -> str:
     header = ["task", "n_clips", "failed", "ade", "fde", "wde"] + [f"{b} ade" for b in baselines] + \
-             ["shuffled ade", "coverage"]
+             ["shuffled ade", "coverage", "ade / cv", "shuffled / true"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for task in tasks:
         m = lambda key: metrics.get(f"{task}/{key}")  # noqa: E731
+        optional = lambda key, fmt=_fmt: "-" if m(key) is None else fmt(m(key))  # noqa: E731
         cells = [task, str(int(m("n_clips") or 0)), str(int(m("n_failed") or 0)), _fmt(m("ade")), _fmt(m("fde")),
                  _fmt(m("wde"))] + [_fmt(m(f"baseline_{b}/ade")) for b in baselines] + \
-                [_fmt(m("shuffled/ade")) if m("shuffled/ade") is not None else "-", _fmt(m("coverage"))]
+                [optional("shuffled/ade"), _fmt(m("coverage")),
+                 optional("ade_over_constant_velocity", _fmt_ratio), optional("shuffled_over_true_ade", _fmt_ratio)]
         lines.append(" | ".join(cells))
     return "\n".join(lines)
+
+
+def _fmt_ratio(value) -> str:
+    return "nan" if value is None or not math.isfinite(value) else f"{value:.2f}x"
 
 
 def find_training_run(mlflow_client, exp_id: str, model_dir: str) -> tuple[str, str] | None:

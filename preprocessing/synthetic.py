@@ -360,6 +360,13 @@ def _clear_previous_output(out: Path) -> None:
     (out / METADATA_FILE).unlink()
 
 
+def preprocess_source_args(out_dir) -> list[str]:
+    """The ``pipelines/preprocess.py`` source flags that read a SynthKitchens tree written to ``out_dir``."""
+    out = Path(out_dir)
+    return ["--epic-root", str(out / "EPIC-KITCHENS"), "--annotations", str(out / "annotations"),
+            "--questions", str(out / "handsonvlm_assets"), "--labels", str(out / "hoi_forecast" / "ek100")]
+
+
 def generate(out_dir, videos: int = 24, seed: int = 0, actions_per_video: int = 12, fps: float = 30.0,
              rgb_frames: int = 0, workers: int = 2, *, write_videos: bool = True) -> dict:
     """Generate a SynthKitchens dataset under ``out_dir`` and return a summary.

@@ -11,6 +11,8 @@ in view, and during the observation window the hands only wander (random waypoin
 the target). Only during the last second before contact does the active hand reach for the
 target. A predictor that is told which object is meant (the narration or an RBHP question that
 implies it) can therefore aim at it; one that only sees the frames cannot know which object.
+Objects lie near fixed per-class spots (``KITCHEN_LAYOUT_PX``), so the object a question means
+also says roughly where that is; the frames tell where the hand starts and the exact spot.
 
 Coordinates are pixels of the 456x256 frame (x right, y down) unless a name ends in ``_norm``.
 Times are seconds from the start of the video.

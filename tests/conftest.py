@@ -35,3 +35,25 @@ def ray_local():
     init_ray(num_cpus=2, object_store_memory=1 << 30)
     yield ray
     ray.shutdown()
+
+
+def preprocessed_synth(root: Path, *, videos: int = 3, actions_per_video: int = 4, seed: int = 0,
+                       splits: str | None = None) -> Path:
+    """Write a small SynthKitchens tree to ``root/synth`` and run the real preprocessing job on it
+    (index + samples) into ``root/data``, which is returned. Needs a Ray (e.g. ``ray_local``)."""
+    from pipelines import preprocess
+    from preprocessing.synthetic import generate, preprocess_source_args
+
+    tree, out = root / "synth", root / "data"
+    generate(str(tree), videos=videos, actions_per_video=actions_per_video, seed=seed, workers=1)
+    argv = [*preprocess_source_args(tree), "--out", str(out), "--no-progress"]
+    assert preprocess.main(argv + (["--splits", splits] if splits else [])) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory, ray_local) -> Path:
+    """Preprocessed SynthKitchens shared by the session: 3 videos x 4 actions, seed 0, i.e. 2 train
+    shards (one per training worker) and 1 validation shard. Read-only by convention: write
+    evaluation outputs under unique run names and caches into a copy."""
+    return preprocessed_synth(tmp_path_factory.mktemp("synth_data"))

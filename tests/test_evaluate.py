@@ -9,25 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines import evaluate, preprocess
-from preprocessing.synthetic import generate
+from pipelines import evaluate
 
 pytestmark = pytest.mark.ray
 
 LIMIT = 6
-
-
-@pytest.fixture(scope="module")
-def processed(tmp_path_factory, ray_local):
-    tree = tmp_path_factory.mktemp("synth")
-    generate(str(tree), videos=3, actions_per_video=3, seed=0, workers=1)
-    out = tmp_path_factory.mktemp("out")
-    assert preprocess.main([
-        "--epic-root", str(tree / "EPIC-KITCHENS"), "--annotations", str(tree / "annotations"),
-        "--questions", str(tree / "handsonvlm_assets"), "--labels", str(tree / "hoi_forecast" / "ek100"),
-        "--out", str(out), "--no-progress", "--splits", "train",
-    ]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +82,21 @@ def test_metrics_policies_on_synthetic_predictions():
     assert part["complete_only/n_valid"] == sum(clips[f"c{n}"]["future_valid"].sum() for n in kept)
 
 
-def test_evaluation_job(processed, model_dir, tmp_path, monkeypatch):
+def test_learning_ratios_and_table():
+    metrics = {"vhp/ade": 0.06, "vhp/baseline_constant_velocity/ade": 0.1, "vhp/shuffled/ade": 0.15,
+               "vhp/n_clips": 4.0, "vhp/coverage": 1.0,
+               "rbhp/ade": 0.05, "rbhp/baseline_constant_velocity/ade": 0.0}  # no shuffled, degenerate baseline
+    vhp = evaluate.learning_ratios(metrics, "vhp")
+    assert vhp == {"vhp/ade_over_constant_velocity": pytest.approx(0.6), "vhp/shuffled_over_true_ade": pytest.approx(2.5)}
+    assert evaluate.learning_ratios(metrics, "rbhp") == {}
+    table = evaluate.summary_table({**metrics, **vhp}, ("vhp", "rbhp"), ["constant_velocity"]).splitlines()
+    assert table[0].endswith("ade / cv | shuffled / true")
+    assert table[2].endswith("0.60x | 2.50x") and table[3].endswith("- | -")
+
+
+def test_evaluation_job(synth_data, model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    rows, _ = evaluate.read_clips(str(processed / "samples" / "train"))
+    rows, _ = evaluate.read_clips(str(synth_data / "samples" / "train"))
     bad = rows[0]["sample_id"]
     from pipelines import tracking
 
@@ -118,7 +116,7 @@ def test_evaluation_job(processed, model_dir, tmp_path, monkeypatch):
                      "complete": np.ones(k, bool), "hand_counts": np.full(k, 4)}]
         return evaluate.generate_for_jobs(model, jobs, frames, settings)
 
-    rc = evaluate.main(["--model", str(model_dir), "--data", str(processed), "--split", "train", "--task", "both",
+    rc = evaluate.main(["--model", str(model_dir), "--data", str(synth_data), "--split", "train", "--task", "both",
                         "--num-samples", "2", "--shuffle-questions", "--limit", str(LIMIT), "--max-new-tokens", "16",
                         "--batch-size", "4", "--run-name", "eval-test", "--gallery", "3"], generate_fn=flaky)
     assert rc == 0
@@ -139,8 +137,10 @@ def test_evaluation_job(processed, model_dir, tmp_path, monkeypatch):
     assert m["vhp/coverage"] >= 1 / LIMIT and m["vhp/complete_only/n_clips"] >= 1
     assert np.isfinite(m["vhp/complete_only/ade"])
     assert m["vhp/n_failed"] >= 1 and m["vhp/n_errors"] >= 1 and m["vhp/shuffled/n_failed"] >= 1
+    assert m["vhp/ade_over_constant_velocity"] == pytest.approx(m["vhp/ade"] / m["vhp/baseline_constant_velocity/ade"])
+    assert m["vhp/shuffled_over_true_ade"] == pytest.approx(m["vhp/shuffled/ade"] / m["vhp/ade"])
 
-    out_dir = processed / "eval" / "eval-test"
+    out_dir = synth_data / "eval" / "eval-test"
     summary = json.loads((out_dir / "metrics.json").read_text())
     assert summary["mlflow_run_id"] == run.info.run_id and "vhp/coverage" in summary["metrics"]
 

@@ -30,7 +30,7 @@ from preprocessing.features import (
 )
 from preprocessing.samples import shard_paths
 from preprocessing.schema import tensor_column
-from preprocessing.synthetic import generate
+from preprocessing.synthetic import generate, preprocess_source_args
 
 pytestmark = pytest.mark.ray
 
@@ -40,11 +40,7 @@ SEED1 = ["model.vision.init_seed=1"]
 
 
 def run_job(tree, out, *extra):
-    return preprocess.main([
-        "--epic-root", str(tree / "EPIC-KITCHENS"), "--annotations", str(tree / "annotations"),
-        "--questions", str(tree / "handsonvlm_assets"), "--labels", str(tree / "hoi_forecast" / "ek100"),
-        "--out", str(out), "--no-progress", *extra,
-    ])
+    return preprocess.main([*preprocess_source_args(tree), "--out", str(out), "--no-progress", *extra])
 
 
 def run_features(out, *extra):

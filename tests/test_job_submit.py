@@ -101,7 +101,7 @@ def test_three_stages_submitted_as_ray_jobs(head_node, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from pipelines import tracking
-    from preprocessing.synthetic import generate
+    from preprocessing.synthetic import generate, preprocess_source_args
 
     env, address = head_node
     tree, data, models = tmp_path / "synth", tmp_path / "data", tmp_path / "models"
@@ -110,10 +110,8 @@ def test_three_stages_submitted_as_ray_jobs(head_node, tmp_path):
     # the entry points run unchanged on a cluster; only the job's runtime env says where MLflow is
     runtime_env = {"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": mlflow_uri}}
     common = ["--address", address, "--working-dir", str(REPO_ROOT), "--runtime-env-json", json.dumps(runtime_env), "--"]
-    pre = submit(*common, "python", "pipelines/preprocess.py", "--epic-root", str(tree / "EPIC-KITCHENS"),
-                 "--annotations", str(tree / "annotations"), "--labels", str(tree / "hoi_forecast" / "ek100"),
-                 "--questions", str(tree / "handsonvlm_assets"), "--out", str(data), "--no-progress",
-                 env=env, timeout=300)
+    pre = submit(*common, "python", "pipelines/preprocess.py", *preprocess_source_args(tree), "--out", str(data),
+                 "--no-progress", env=env, timeout=300)
     assert pre.returncode == 0, pre.stdout[-3000:] + pre.stderr[-3000:]
 
     name = f"job-{uuid.uuid4().hex[:8]}"

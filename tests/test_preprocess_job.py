@@ -14,17 +14,13 @@ from pipelines import preprocess
 from preprocessing import storage
 from preprocessing.media import decode_jpeg
 from preprocessing.schema import INDEX_SCHEMA, SAMPLES_SCHEMA, tensor_column
-from preprocessing.synthetic import generate
+from preprocessing.synthetic import generate, preprocess_source_args
 
 pytestmark = pytest.mark.ray
 
 
 def run_job(tree, out, *extra):
-    return preprocess.main([
-        "--epic-root", str(tree / "EPIC-KITCHENS"), "--annotations", str(tree / "annotations"),
-        "--questions", str(tree / "handsonvlm_assets"), "--labels", str(tree / "hoi_forecast" / "ek100"),
-        "--out", str(out), "--no-progress", *extra,
-    ])
+    return preprocess.main([*preprocess_source_args(tree), "--out", str(out), "--no-progress", *extra])
 
 
 def read_split(out, stage, split):

@@ -32,8 +32,8 @@ from conftest import REPO_ROOT
 from pipelines import preprocess
 from preprocessing import storage
 from preprocessing.quarantine import REASONS
-from preprocessing.synthetic import generate
-from test_train_job import data_root, metric_history  # noqa: F401 - data_root is a fixture used below
+from preprocessing.synthetic import generate, preprocess_source_args
+from test_train_job import metric_history
 
 SMALL_OBJECT_STORE = 80 * 1024 * 1024  # Ray's minimum is 75 MiB
 PREEMPT_SHARD_SIZE = 1  # one action per shard: many shards, so the job can be caught half-way
@@ -132,14 +132,9 @@ def tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def source_args(tree: Path) -> list[str]:
-    return ["--epic-root", str(tree / "EPIC-KITCHENS"), "--annotations", str(tree / "annotations"),
-            "--questions", str(tree / "handsonvlm_assets"), "--labels", str(tree / "hoi_forecast" / "ek100")]
-
-
 def samples_command(tree: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "pipelines/preprocess.py", *source_args(tree), "--out", str(out), "--stage", "samples",
-            "--no-progress", "--num-cpus", "2", *extra]
+    return [sys.executable, "pipelines/preprocess.py", *preprocess_source_args(tree), "--out", str(out),
+            "--stage", "samples", "--no-progress", "--num-cpus", "2", *extra]
 
 
 def done_markers(out: Path) -> list[Path]:
@@ -168,7 +163,7 @@ def big_tree(tmp_path_factory):
 
 def indexed_output(tree: Path, out: Path) -> Path:
     """An output root with the index stage done (no Ray needed)."""
-    assert preprocess.main([*source_args(tree), "--out", str(out), "--stage", "index", "--no-progress"]) == 0
+    assert preprocess.main([*preprocess_source_args(tree), "--out", str(out), "--stage", "index", "--no-progress"]) == 0
     return out
 
 
@@ -224,7 +219,7 @@ def test_preprocessing_killed_midway_resumes_to_the_same_shards(big_tree, uninte
     assert not (out / "manifest.json").exists() or "samples" not in manifest(out).get("stages", {})
 
     started = time.perf_counter()
-    assert preprocess.main([*source_args(big_tree), "--out", str(out), "--stage", "samples", "--no-progress",
+    assert preprocess.main([*preprocess_source_args(big_tree), "--out", str(out), "--stage", "samples", "--no-progress",
                             "--shard-size", str(PREEMPT_SHARD_SIZE), "--frame-height", str(PREEMPT_FRAME_HEIGHT)]) == 0
     print(f"[preemption] re-run finished the remaining shards in {time.perf_counter() - started:.1f} s")
 
@@ -282,7 +277,7 @@ def test_mixed_sources_unicode_inf_and_missing_columns(tmp_path, ray_local):
     bad_csv.write_text("narration_id,participant_id,video_id\nP01_01_100,P01,P01_01\n")
 
     out = tmp_path / "out"
-    common = [*source_args(tree), "--out", str(out), "--no-progress", "--splits", "train,validation,test",
+    common = [*preprocess_source_args(tree), "--out", str(out), "--no-progress", "--splits", "train,validation,test",
               "--csv", f"test={bad_csv}"]
     assert preprocess.main([*common, "--stage", "index"]) == 0
 
@@ -401,7 +396,7 @@ FAULT_STEP, CHECKPOINT_EVERY, MAX_STEPS = 3, 2, 4
 
 
 @pytest.fixture(scope="module")
-def faulted_training(data_root, tmp_path_factory):  # noqa: F811 - the imported fixture
+def faulted_training(synth_data, tmp_path_factory):
     """pipelines/train.py --max-failures 1 in its own Ray, with the fault hook of
     pipelines/training.py killing the last rank right after step 3 (checkpoints at steps 2 and 4),
     and fake secrets in its environment."""
@@ -411,7 +406,7 @@ def faulted_training(data_root, tmp_path_factory):  # noqa: F811 - the imported 
     marker = work / "fault_fired"
     env = isolated_env(MLFLOW_TRACKING_URI=uri, HANDSONVLM_FAULT_KILL_AT_STEP=str(FAULT_STEP),
                        HANDSONVLM_FAULT_MARKER=str(marker), **FAKE_SECRETS)
-    argv = [sys.executable, "pipelines/train.py", "--config", "tiny", "--data", str(data_root), "--run-name", name,
+    argv = [sys.executable, "pipelines/train.py", "--config", "tiny", "--data", str(synth_data), "--run-name", name,
             "--storage", str(work / "ray_results"), "--max-steps", str(MAX_STEPS), "--max-failures", "1",
             "--num-cpus", "2", "--set", f"train.export_dir={work / 'models'}", "--set", "train.micro_batch_size=2",
             "--set", "train.log_every=1", "--set", f"train.checkpoint_every={CHECKPOINT_EVERY}",
@@ -565,7 +560,7 @@ def test_generation_without_hand_tokens_stops_at_the_token_limit():
 
 
 @pytest.fixture(scope="module")
-def tokenless_evaluation(tmp_path_factory, ray_local, data_root):  # noqa: F811
+def tokenless_evaluation(tmp_path_factory, ray_local, synth_data):
     """pipelines/evaluate.py over 3 clips with an untrained tiny model that can emit neither
     <hand_traj> nor the end token (6 new tokens at most)."""
     import torch
@@ -591,12 +586,12 @@ def tokenless_evaluation(tmp_path_factory, ray_local, data_root):  # noqa: F811
         return _evaluate.generate_for_jobs(model, jobs, frames, settings)
 
     run_name = f"eval-tokenless-{uuid.uuid4().hex[:6]}"
-    rc = evaluate.main(["--model", str(model_dir), "--data", str(data_root), "--split", "train", "--task", "vhp",
+    rc = evaluate.main(["--model", str(model_dir), "--data", str(synth_data), "--split", "train", "--task", "vhp",
                         "--limit", str(TOKENLESS_CLIPS), "--max-new-tokens", "6", "--num-samples", "1",
                         "--temperature", "0", "--run-name", run_name, "--gallery", "0", "--no-mlflow"],
                        generate_fn=rambling)
     assert rc == 0
-    out_dir = data_root / "eval" / run_name
+    out_dir = synth_data / "eval" / run_name
     return {"metrics": json.loads((out_dir / "metrics.json").read_text())["metrics"],
             "predictions": pq.read_table(out_dir / "predictions.parquet").to_pylist()}
 

@@ -3,27 +3,15 @@ export and MLflow (all real, on the tiny preset and a small SynthKitchens tree).
 
 from __future__ import annotations
 
+import shutil
 import uuid
 
 import pytest
 import torch
 
 from pipelines import preprocess, train
-from preprocessing.synthetic import generate
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory, ray_local):
-    tree = tmp_path_factory.mktemp("synth")
-    generate(str(tree), videos=3, actions_per_video=4, seed=0, workers=1)
-    out = tmp_path_factory.mktemp("data")
-    assert preprocess.main([
-        "--epic-root", str(tree / "EPIC-KITCHENS"), "--annotations", str(tree / "annotations"),
-        "--questions", str(tree / "handsonvlm_assets"), "--labels", str(tree / "hoi_forecast" / "ek100"),
-        "--out", str(out), "--no-progress"]) == 0
-    return out
 
 
 @pytest.fixture()
@@ -33,8 +21,8 @@ def mlflow_uri(tmp_path, monkeypatch):
     return uri
 
 
-def run_training(data_root, tmp_path, run_name, *extra):
-    return train.main(["--config", "tiny", "--data", str(data_root), "--run-name", run_name,
+def run_training(data, tmp_path, run_name, *extra):
+    return train.main(["--config", "tiny", "--data", str(data), "--run-name", run_name,
                        "--storage", str(tmp_path / "ray_results"),
                        "--set", f"train.export_dir={tmp_path / 'models'}", "--set", "train.micro_batch_size=2",
                        "--set", "train.log_every=1", "--set", "train.lr=3e-3", *extra])
@@ -54,11 +42,11 @@ def metric_history(uri, run_name):
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_train_checkpoint_resume_export_and_mlflow(data_root, tmp_path, mlflow_uri, zero_stage):
+def test_train_checkpoint_resume_export_and_mlflow(synth_data, tmp_path, mlflow_uri, zero_stage):
     from handsonvlm.model import HandsOnVLM
 
     name = f"t{zero_stage}-{uuid.uuid4().hex[:8]}"
-    assert run_training(data_root, tmp_path, name, "--max-steps", "8", "--zero-stage", str(zero_stage),
+    assert run_training(synth_data, tmp_path, name, "--max-steps", "8", "--zero-stage", str(zero_stage),
                         "--set", "train.checkpoint_every=4") == 0
     run, history = metric_history(mlflow_uri, name)
     assert run.info.status == "FINISHED"
@@ -70,7 +58,7 @@ def test_train_checkpoint_resume_export_and_mlflow(data_root, tmp_path, mlflow_u
     assert run.data.params["model.name"] == "tiny" and run.data.params["train.zero_stage"] == str(zero_stage)
 
     # the same run name resumes from the last checkpoint: the restored model gives the same loss
-    assert run_training(data_root, tmp_path, name, "--max-steps", "8", "--zero-stage", str(zero_stage)) == 0
+    assert run_training(synth_data, tmp_path, name, "--max-steps", "8", "--zero-stage", str(zero_stage)) == 0
     _, history = metric_history(mlflow_uri, name)
     assert history["restore/fixed_batch_loss"][8] == pytest.approx(fixed[8], rel=1e-6, abs=1e-7)
 
@@ -81,27 +69,29 @@ def test_train_checkpoint_resume_export_and_mlflow(data_root, tmp_path, mlflow_u
     assert "model/model.safetensors" in artifacts
 
 
-def test_resuming_mid_run_gives_the_uninterrupted_result(data_root, tmp_path, mlflow_uri):
+def test_resuming_mid_run_gives_the_uninterrupted_result(synth_data, tmp_path, mlflow_uri):
     """Stop at step 3, resume to step 6: same fixed-batch loss as 6 steps in one go (exact data
     position, optimizer, scheduler and RNG restore)."""
     straight, split = f"s-{uuid.uuid4().hex[:8]}", f"r-{uuid.uuid4().hex[:8]}"
     common = ("--set", "train.checkpoint_every=3", "--set", "train.epochs=4")
-    assert run_training(data_root, tmp_path, straight, "--max-steps", "6", *common) == 0
-    assert run_training(data_root, tmp_path, split, "--max-steps", "3", *common) == 0
-    assert run_training(data_root, tmp_path, split, "--max-steps", "6", *common) == 0
+    assert run_training(synth_data, tmp_path, straight, "--max-steps", "6", *common) == 0
+    assert run_training(synth_data, tmp_path, split, "--max-steps", "3", *common) == 0
+    assert run_training(synth_data, tmp_path, split, "--max-steps", "6", *common) == 0
     _, a = metric_history(mlflow_uri, straight)
     _, b = metric_history(mlflow_uri, split)
     assert b["eval/fixed_batch_loss"][6] == pytest.approx(a["eval/fixed_batch_loss"][6], rel=1e-5)
     torch.testing.assert_close(torch.tensor(b["train/loss"][6]), torch.tensor(a["train/loss"][6]), rtol=1e-5, atol=1e-6)
 
 
-def test_feature_cache_gives_the_online_result(data_root, tmp_path, mlflow_uri):
+def test_feature_cache_gives_the_online_result(synth_data, tmp_path, mlflow_uri):
     """Training from cached float32 vision features equals training from frames (CLIP online)."""
-    assert preprocess.main(["--stage", "features", "--out", str(data_root), "--model-config", "tiny",
+    data = tmp_path / "data"  # the cache goes into a copy: the session's data stays frames-only
+    shutil.copytree(synth_data, data)
+    assert preprocess.main(["--stage", "features", "--out", str(data), "--model-config", "tiny",
                             "--feature-dtype", "float32", "--splits", "train"]) == 0
     online, cached = f"on-{uuid.uuid4().hex[:8]}", f"fc-{uuid.uuid4().hex[:8]}"
-    assert run_training(data_root, tmp_path, online, "--max-steps", "2", "--set", "train.feature_cache=off") == 0
-    assert run_training(data_root, tmp_path, cached, "--max-steps", "2", "--set", "train.feature_cache=on") == 0
+    assert run_training(data, tmp_path, online, "--max-steps", "2", "--set", "train.feature_cache=off") == 0
+    assert run_training(data, tmp_path, cached, "--max-steps", "2", "--set", "train.feature_cache=on") == 0
     _, a = metric_history(mlflow_uri, online)
     _, b = metric_history(mlflow_uri, cached)
     for step in (1, 2):
@@ -109,7 +99,7 @@ def test_feature_cache_gives_the_online_result(data_root, tmp_path, mlflow_uri):
     assert b["eval/fixed_batch_loss"][2] == pytest.approx(a["eval/fixed_batch_loss"][2], rel=1e-5)
 
 
-def test_tune_sweep_logs_one_mlflow_run_per_trial(data_root, tmp_path, mlflow_uri):
+def test_tune_sweep_logs_one_mlflow_run_per_trial(synth_data, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     from pipelines import tune
@@ -117,7 +107,7 @@ def test_tune_sweep_logs_one_mlflow_run_per_trial(data_root, tmp_path, mlflow_ur
     space = tmp_path / "space.yaml"
     space.write_text("metric: fixed_batch_loss\nmode: min\nparams:\n  train.lr: {grid: [1.0e-3, 3.0e-3]}\n")
     sweep = f"sw-{uuid.uuid4().hex[:6]}"
-    assert tune.main(["--config", "tiny", "--search-space", str(space), "--data", str(data_root), "--max-steps", "1",
+    assert tune.main(["--config", "tiny", "--search-space", str(space), "--data", str(synth_data), "--max-steps", "1",
                       "--name", sweep, "--storage", str(tmp_path / "ray_results"),
                       "--set", f"train.export_dir={tmp_path / 'models'}", "--set", "train.micro_batch_size=2"]) == 0
     client = MlflowClient(mlflow_uri)
