@@ -519,13 +519,11 @@ def language_gap_report(out_dir, split: str = "validation", seed: int = 0) -> di
                 }
                 for name, pred in preds.items():
                     errors[name].append(float(np.linalg.norm(pred - truth, axis=1).mean()))
-    report = {"split": split, "actions": num_actions, "hand_tracks": len(errors["cv"])}
-    nan = float("nan")
-    report["ade_constant_velocity"] = float(np.mean(errors["cv"])) if errors["cv"] else nan
-    for name in ("text_free", "text"):
-        report[f"ade_{name}_oracle"] = float(np.mean(errors[name])) if errors["cv"] else nan
-    for name in ("question_only", "shuffled_question"):
-        report[f"ade_{name}"] = float(np.mean(errors[name])) if errors["cv"] else nan
+    ade = {name: float(np.mean(values)) if values else float("nan") for name, values in errors.items()}
+    report = {"split": split, "actions": num_actions, "hand_tracks": len(errors["cv"]),
+              "ade_constant_velocity": ade["cv"], "ade_text_free_oracle": ade["text_free"],
+              "ade_text_oracle": ade["text"], "ade_question_only": ade["question_only"],
+              "ade_shuffled_question": ade["shuffled_question"]}
     report["text_free_over_cv"] = report["ade_text_free_oracle"] / report["ade_constant_velocity"]
     report["text_over_cv"] = report["ade_text_oracle"] / report["ade_constant_velocity"]
     report["question_only_over_cv"] = report["ade_question_only"] / report["ade_constant_velocity"]

@@ -37,23 +37,26 @@ def ray_local():
     ray.shutdown()
 
 
-def preprocessed_synth(root: Path, *, videos: int = 3, actions_per_video: int = 4, seed: int = 0,
-                       splits: str | None = None) -> Path:
-    """Write a small SynthKitchens tree to ``root/synth`` and run the real preprocessing job on it
-    (index + samples) into ``root/data``, which is returned. Needs a Ray (e.g. ``ray_local``)."""
-    from pipelines import preprocess
-    from preprocessing.synthetic import generate, preprocess_source_args
-
-    tree, out = root / "synth", root / "data"
-    generate(str(tree), videos=videos, actions_per_video=actions_per_video, seed=seed, workers=1)
-    argv = [*preprocess_source_args(tree), "--out", str(out), "--no-progress"]
-    assert preprocess.main(argv + (["--splits", splits] if splits else [])) == 0
-    return out
+def isolated_env(**extra: str) -> dict[str, str]:
+    """The test environment minus RAY_ADDRESS (so that a subprocess starts a Ray of its own instead
+    of joining this session's), with the repository importable, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    env.update(extra)
+    return env
 
 
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory, ray_local) -> Path:
     """Preprocessed SynthKitchens shared by the session: 3 videos x 4 actions, seed 0, i.e. 2 train
-    shards (one per training worker) and 1 validation shard. Read-only by convention: write
-    evaluation outputs under unique run names and caches into a copy."""
-    return preprocessed_synth(tmp_path_factory.mktemp("synth_data"))
+    shards (one per training worker) and 1 validation shard, written by the real preprocessing
+    job. Read-only by convention: write evaluation outputs under unique run names and caches into
+    a copy."""
+    from pipelines import preprocess
+    from preprocessing.synthetic import generate, preprocess_source_args
+
+    root = tmp_path_factory.mktemp("synth_data")
+    tree, out = root / "synth", root / "data"
+    generate(str(tree), videos=3, actions_per_video=4, seed=0, workers=1)
+    assert preprocess.main([*preprocess_source_args(tree), "--out", str(out), "--no-progress"]) == 0
+    return out

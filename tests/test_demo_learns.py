@@ -11,14 +11,13 @@ another clip's question is at least 1.2x worse than answering the clip's own.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO_ROOT, isolated_env
+
 RUN = "demo-learns"
 MAX_ADE_OVER_CV = 0.8
 MIN_SHUFFLED_OVER_TRUE = 1.2
@@ -31,12 +30,11 @@ def test_make_demo_learns_the_task_and_reads_the_question(tmp_path):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     demo_dir = tmp_path / "demo"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    env.pop("RAY_ADDRESS", None)  # a private local Ray, whatever else this machine runs
+    env = isolated_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     result = subprocess.run(
         ["make", "--no-print-directory", "demo", f"DEMO_DIR={demo_dir}", f"DEMO_RUN={RUN}",
          f"DEMO_MODELS={tmp_path / 'models'}", f"DEMO_CHECKPOINTS={tmp_path / 'ray_results'}"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=1400)
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1400)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
 
     summary = json.loads((demo_dir / "data" / "eval" / f"{RUN}-eval" / "metrics.json").read_text())
@@ -59,8 +57,10 @@ def test_make_demo_learns_the_task_and_reads_the_question(tmp_path):
     # everything reached the demo's MLflow: the training run and the linked evaluation run
     from mlflow.tracking import MlflowClient
 
+    from pipelines import tracking
+
     client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    exp = client.get_experiment_by_name("handsonvlm")
+    exp = client.get_experiment_by_name(tracking.EXPERIMENT)
     (eval_run,) = client.search_runs([exp.experiment_id], filter_string="tags.stage = 'eval'")
     assert eval_run.info.status == "FINISHED" and eval_run.data.tags["train_run_name"] == RUN
     assert eval_run.data.metrics["vhp/ade_over_constant_velocity"] == pytest.approx(

@@ -13,7 +13,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, isolated_env
 from pipelines import preprocess
 from preprocessing import storage
 from preprocessing.quarantine import REASONS
@@ -45,17 +44,8 @@ SECRET_KEY_WORDS = ("token", "password", "secret", "api_key", "apikey", "credent
 
 
 # ---------------------------------------------------------------------------------------------
-# helpers: isolated subprocesses, process-tree RSS, tree sizes
+# helpers: subprocesses with the process-tree RSS, tree sizes
 # ---------------------------------------------------------------------------------------------
-def isolated_env(**extra: str) -> dict[str, str]:
-    """The test environment minus RAY_ADDRESS, so that a subprocess starts a Ray of its own
-    instead of joining this session's."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    env.update(extra)
-    return env
-
-
 class IsolatedRun:
     """A subprocess in its own session and process group, with the summed RSS of its process tree
     (its Ray included) sampled every 0.2 s."""
@@ -339,44 +329,44 @@ def calls(source: str, name: str) -> list[str]:
     return found
 
 
-
-
-def unsafe_deserialisation(paths: list[Path]) -> list[str]:
+def unsafe_deserialisation(text: str, rel: str) -> list[str]:
+    """Every call in the source ``text`` (of file ``rel``, relative to the repository) that could
+    execute what it reads."""
     problems = []
-    for path in paths:
-        text = path.read_text()
-        rel = path.relative_to(REPO_ROOT)
-        for args in calls(text, "torch.load"):
-            if not re.search(r"weights_only\s*=\s*True", args):
-                problems.append(f"{rel}: torch.load({args.strip()[:60]}) without weights_only=True")
-        if rel.as_posix() != "preprocessing/safe_pickle.py":
-            for name in ("pickle.load", "pickle.loads", "cPickle.load", "dill.load", "joblib.load",
-                         "np.load", "numpy.load"):
-                for args in calls(text, name):
-                    if name.endswith("np.load") and re.search(r"allow_pickle\s*=\s*False", args):
-                        continue
-                    problems.append(f"{rel}: {name}({args.strip()[:60]}) outside preprocessing/safe_pickle.py")
-        for args in calls(text, "yaml.load"):
-            problems.append(f"{rel}: yaml.load({args.strip()[:60]}): use yaml.safe_load")
-        if re.search(r"\byaml\.(unsafe_load|full_load)\b|Loader\s*=\s*yaml\.(Full|Unsafe)?Loader\b", text):
-            problems.append(f"{rel}: unsafe YAML loader")
+    for args in calls(text, "torch.load"):
+        if not re.search(r"weights_only\s*=\s*True", args):
+            problems.append(f"{rel}: torch.load({args.strip()[:60]}) without weights_only=True")
+    if rel != "preprocessing/safe_pickle.py":
+        for name in ("pickle.load", "pickle.loads", "cPickle.load", "dill.load", "joblib.load",
+                     "np.load", "numpy.load"):
+            for args in calls(text, name):
+                if name.endswith("np.load") and re.search(r"allow_pickle\s*=\s*False", args):
+                    continue
+                problems.append(f"{rel}: {name}({args.strip()[:60]}) outside preprocessing/safe_pickle.py")
+    for args in calls(text, "yaml.load"):
+        problems.append(f"{rel}: yaml.load({args.strip()[:60]}): use yaml.safe_load")
+    if re.search(r"\byaml\.(unsafe_load|full_load)\b|Loader\s*=\s*yaml\.(Full|Unsafe)?Loader\b", text):
+        problems.append(f"{rel}: unsafe YAML loader")
     return problems
 
 
 def test_no_unsafe_deserialisation_in_the_code():
     sources = python_sources()
     assert len(sources) > 20
-    assert unsafe_deserialisation(sources) == []
+    problems = [p for path in sources
+                for p in unsafe_deserialisation(path.read_text(), path.relative_to(REPO_ROOT).as_posix())]
+    assert problems == []
 
 
 def test_the_scan_catches_planted_unsafe_calls():
     planted = ("state = torch.load(path)\nx = torch.load(\n    path, map_location='cpu')\n"
                "y = torch.load(path, weights_only=True)\n")
-    unsafe = [a for a in calls(planted, "torch.load") if not re.search(r"weights_only\s*=\s*True", a)]
-    assert len(unsafe) == 2
+    assert len(unsafe_deserialisation(planted, "pipelines/planted.py")) == 2
     assert calls("cfg = yaml.load(open(p))", "yaml.load") == ["open(p)"]
     assert calls("label = safe_pickle.loads(data)", "pickle.loads") == []
     assert calls("label = pickle.loads(data)", "pickle.loads") == ["data"]
+    assert len(unsafe_deserialisation("label = pickle.loads(data)", "pipelines/planted.py")) == 1
+    assert unsafe_deserialisation("label = pickle.loads(data)", "preprocessing/safe_pickle.py") == []
 
 
 def test_models_are_saved_as_safetensors_only(tmp_path):
@@ -512,15 +502,6 @@ def test_local_ray_serves_no_dashboard_beyond_loopback(ray_local):
     assert dashboards == []
 
 
-def test_mlflow_server_script_binds_loopback_by_default():
-    done = subprocess.run(["bash", "cluster/mlflow_server.sh", "--print-command"], cwd=REPO_ROOT, capture_output=True,
-                          text=True, env={k: v for k, v in os.environ.items()
-                                          if k not in ("MLFLOW_HOST", "MLFLOW_DB_HOST")}, timeout=30)
-    assert done.returncode == 0, done.stderr
-    words = done.stdout.split()
-    assert words[words.index("--host") + 1] == "127.0.0.1"
-
-
 # ---------------------------------------------------------------------------------------------
 # evaluation of a clip that never emits a hand token
 # ---------------------------------------------------------------------------------------------
@@ -559,6 +540,9 @@ def test_generation_without_hand_tokens_stops_at_the_token_limit():
     assert torch.isnan(result.trajectories).all()
 
 
+TOKENLESS_CLIPS = 3
+
+
 @pytest.fixture(scope="module")
 def tokenless_evaluation(tmp_path_factory, ray_local, synth_data):
     """pipelines/evaluate.py over 3 clips with an untrained tiny model that can emit neither
@@ -594,9 +578,6 @@ def tokenless_evaluation(tmp_path_factory, ray_local, synth_data):
     out_dir = synth_data / "eval" / run_name
     return {"metrics": json.loads((out_dir / "metrics.json").read_text())["metrics"],
             "predictions": pq.read_table(out_dir / "predictions.parquet").to_pylist()}
-
-
-TOKENLESS_CLIPS = 3
 
 
 @pytest.mark.ray
