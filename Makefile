@@ -19,7 +19,7 @@ DEMO_RUN ?= demo-tiny
 DEMO_MODELS ?= runs/models
 DEMO_CHECKPOINTS ?= runs/ray_results
 
-.PHONY: setup test test-fast demo bench bench-full clean
+.PHONY: setup lint test test-fast demo bench bench-full clean
 
 setup: $(STAMP)
 
@@ -30,14 +30,18 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: setup
+# ruff (pinned in requirements.txt, configured in pyproject.toml); `make test` runs it first
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup lint
 	$(PY) -m pytest -q -ra
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not ray and not slow"
 
 demo: setup
-	$(PY) -m preprocessing.synthetic --out $(DEMO_DIR)/synth --videos $(DEMO_VIDEOS) --seed 0
+	$(PY) -m synthkitchens --out $(DEMO_DIR)/synth --videos $(DEMO_VIDEOS) --seed 0
 	$(PY) pipelines/preprocess.py --epic-root $(DEMO_DIR)/synth/EPIC-KITCHENS \
 		--annotations $(DEMO_DIR)/synth/annotations \
 		--questions $(DEMO_DIR)/synth/handsonvlm_assets \

@@ -17,9 +17,9 @@ import pstats
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROFILE_LINES = 18  # functions kept per profile: enough to see where the time goes, short enough to read
@@ -130,7 +130,7 @@ def _cpu_model() -> str:
 def _version(module: str) -> str:
     try:
         return __import__(module).__version__
-    except Exception:  # noqa: BLE001 - a missing optional package is reported, not fatal
+    except Exception:
         return "not installed"
 
 
@@ -139,7 +139,7 @@ def machine_info() -> dict:
     import torch
 
     return {
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "cpu_model": _cpu_model(),

@@ -27,7 +27,7 @@ from bench.common import Sizes, compare, median
 from preprocessing.index import IndexConfig
 from preprocessing.samples import MediaConfig, process_shard, shard_fingerprint, table_to_ipc
 from preprocessing.stages import index_path, plan_shards, run_index_stage, run_samples_stage
-from preprocessing.synthetic import METADATA_FILE, generate
+from synthkitchens.generate import METADATA_FILE, generate
 
 SPLITS = ("train", "validation")
 SYNTH_SEED = 0

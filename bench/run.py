@@ -25,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from the repo root
 
-from bench.common import FULL, QUICK, TINY_TEST, REPO_ROOT, Sizes, all_finite, machine_info, profile_top  # noqa: E402
-from bench.targets import TARGETS  # noqa: E402
+from bench.common import FULL, QUICK, REPO_ROOT, TINY_TEST, Sizes, all_finite, machine_info, profile_top
+from bench.targets import TARGETS
 
 for _key, _value in (("HF_HUB_OFFLINE", "1"), ("DS_ACCELERATOR", "cpu"), ("RAY_AUTH_MODE", "disabled"),
                      ("RAY_USAGE_STATS_ENABLED", "0"),
@@ -37,7 +37,7 @@ METHOD = """
 * **Repetitions.** Every comparison runs both sides in this one process (or on this one Ray), one
   untimed warm-up round first, then the sides alternate within each repetition; the JSON keeps every
   repetition's seconds and the table shows medians. Ratios are ratios of medians.
-* **Preprocessing.** A SynthKitchens tree (`preprocessing.synthetic.generate`, seed 0) is indexed
+* **Preprocessing.** A SynthKitchens tree (`synthkitchens.generate.generate`, seed 0) is indexed
   once per side; each repetition deletes the sample shards and done markers and redoes every
   shard. Ray side: `preprocessing.stages.run_samples_stage` on a local Ray with N CPUs
   (`map(num_cpus=1)` -> N concurrent tasks). Bare side: a `multiprocessing.Pool(N)` (spawn, created
@@ -60,7 +60,7 @@ METHOD = """
   those steps, reads included) is read back and the windows that include warm-up steps are dropped.
   Plain side: `bench/train_bench.py:plain_loop`, one process with `torch.set_num_threads(2)`, batch =
   2 x micro-batch (the Ray job's global batch), the same constructor, AdamW, LR schedule, clipping,
-  `pipelines.training.rows_to_batch` / `FeatureLookup`, shards read with pyarrow; timed per step
+  `handsonvlm.training.rows_to_batch` / `FeatureLookup`, shards read with pyarrow; timed per step
   (including reading) and grouped into the same windows. Feature cache: the features stage
   (`preprocessing.features.run_features_stage`, float32) then both loops with `feature_cache=on`.
 * **Profiles.** For a missed target, cProfile of one call of the side that should be fast (the
@@ -118,7 +118,7 @@ def scaling_section(samples_dir: Path) -> dict:
     from handsonvlm.mixture import Mixture
     from handsonvlm.model import HandsOnVLM
     from handsonvlm.prompts import TEMPLATES
-    from pipelines.training import rows_to_batch
+    from handsonvlm.training import rows_to_batch
 
     torch.manual_seed(0)
     model = HandsOnVLM(load_model_config("tiny"))

@@ -7,9 +7,9 @@ logs ``train/samples_per_s`` once every ``log_every`` steps, measured over those
 windows that contain warm-up steps are dropped and the median of the others is the rate.
 
 Plain side (:func:`plain_loop`): one process, ``torch.set_num_threads(total cores)``, global batch
-= workers x micro-batch, the same model constructor, optimizer, LR schedule, gradient clipping and
-batch building (``pipelines.training.rows_to_batch``, ``FeatureLookup``, ``epoch_files``) with the
-shards read by pyarrow instead of Ray Data. It times the same windows the same way.
+= workers x micro-batch, the job's own set-up and batches (``handsonvlm.training.build_training``,
+``rows_to_batch``, ``plain_step``; ``preprocessing.training_data.FeatureLookup``, ``epoch_files``)
+with the shards read by pyarrow instead of Ray Data. It times the same windows the same way.
 """
 
 from __future__ import annotations
@@ -19,20 +19,13 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
 from bench.common import Sizes, median, timed
+from handsonvlm.training import build_training, plain_step, rows_to_batch
 from pipelines import train as train_job
-from pipelines.training import (
-    TRAIN_COLUMNS,
-    FeatureLookup,
-    epoch_files,
-    feature_cache_plan,
-    lr_lambda,
-    plan_data,
-    rows_to_batch,
-)
+from preprocessing import layout
+from preprocessing.training_data import FeatureLookup, epoch_files, feature_cache_plan, plan_data, shard_rows
 
 NUM_WORKERS = 2
 ZERO_STAGE = 2
@@ -41,12 +34,11 @@ ZERO_STAGE = 2
 def job_config(data_root: Path, sizes: Sizes, feature_cache: str, export_dir: Path) -> dict:
     """The resolved tiny-preset config of ``pipelines/train.py`` for one benchmark run."""
     steps = sizes.train_warmup_steps + sizes.train_steps
-    args = train_job.parse_args([
-        "--config", "tiny", "--data", str(data_root), "--max-steps", str(steps), "--num-workers", str(NUM_WORKERS),
-        "--zero-stage", str(ZERO_STAGE), "--set", f"train.micro_batch_size={sizes.micro_batch}",
-        "--set", f"train.log_every={sizes.train_log_every}", "--set", f"train.checkpoint_every={steps}",
-        "--set", f"train.feature_cache={feature_cache}", "--set", f"train.export_dir={export_dir}"])
-    return train_job.resolve_config(args)
+    return train_job.resolve_config("tiny", [
+        f"train.micro_batch_size={sizes.micro_batch}", f"train.log_every={sizes.train_log_every}",
+        f"train.checkpoint_every={steps}", f"train.feature_cache={feature_cache}", f"train.export_dir={export_dir}",
+        f"train.data={data_root}", f"train.max_steps={steps}", f"train.num_workers={NUM_WORKERS}",
+        f"train.zero_stage={ZERO_STAGE}"])
 
 
 def steady_windows(history: dict[int, float], warmup_steps: int) -> list[float]:
@@ -86,23 +78,17 @@ def ray_train_rate(data_root: Path, workdir: Path, sizes: Sizes, feature_cache: 
 
 def read_rows(files: list[str]) -> list[dict]:
     """Rows of ``files`` in order, with their shard ``path`` (as Ray Data's include_paths gives)."""
-    rows = []
-    for path in files:
-        rows += [{**row, "path": path} for row in pq.read_table(path, columns=TRAIN_COLUMNS).to_pylist()]
-    return rows
+    return [row for path in files for row in shard_rows(path)]
 
 
 def plain_loop(data_root: Path, sizes: Sizes, feature_cache: str, threads: int) -> dict:
     """A single-process PyTorch loop on the Ray job's model, batches and optimizer settings."""
     from handsonvlm.config import ModelConfig, TrainConfig
-    from handsonvlm.mixture import Mixture
-    from handsonvlm.model import HandsOnVLM
 
     config = job_config(data_root, sizes, feature_cache, data_root / "unused-exports")
     train, cfg = TrainConfig.from_dict(config["train"]), ModelConfig.from_dict(config["model"])
     batch_size = train.micro_batch_size * NUM_WORKERS  # the Ray job's global batch
-    samples_dir = f"{str(data_root).rstrip('/')}/samples/{train.split}"
-    plan = plan_data(samples_dir, 1, batch_size, 1)
+    plan = plan_data(layout.samples_dir(str(data_root), train.split), 1, batch_size, 1)
     cache = feature_cache_plan(str(data_root), train.split, plan["files"][0], config["model"], feature_cache)
     features = FeatureLookup(**cache) if cache else None
     if feature_cache == "on" and features is None:
@@ -111,14 +97,7 @@ def plain_loop(data_root: Path, sizes: Sizes, feature_cache: str, threads: int) 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        torch.manual_seed(train.seed)
-        model = HandsOnVLM(cfg).train()
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=train.lr, betas=train.betas, eps=train.eps,
-                                      weight_decay=train.weight_decay)
-        total = plan["steps_per_epoch"] * train.epochs
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total, train.warmup_ratio, train.lr_schedule))
-        mixture = Mixture.from_config(train.to_dict(), model_cfg=cfg)
+        parts = build_training(train, cfg, plan["steps_per_epoch"] * train.epochs)
         generator = torch.Generator().manual_seed(train.seed)
         device = torch.device("cpu")
 
@@ -133,14 +112,9 @@ def plain_loop(data_root: Path, sizes: Sizes, feature_cache: str, threads: int) 
                 if len(step_seconds) >= sizes.train_warmup_steps + sizes.train_steps:
                     break
                 start = time.perf_counter()
-                batch, _ = rows_to_batch([next(rows) for _ in range(batch_size)], model, mixture, epoch, device,
-                                         features)
-                out = model(**batch, generator=generator)
-                optimizer.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
+                batch, _ = rows_to_batch([next(rows) for _ in range(batch_size)], parts.model, parts.mixture, epoch,
+                                         device, features)
+                plain_step(parts, batch, generator, train.max_grad_norm)
                 step_seconds.append(time.perf_counter() - start + read_s)
                 read_s = 0.0
             epoch += 1
@@ -176,10 +150,11 @@ def bench_train(data_root: Path, workdir: Path, sizes: Sizes, total_cores: int) 
     result["feature_stage_s"] = build_feature_cache(data_root, total_cores)
     result["plain_cached"] = plain_loop(data_root, sizes, "on", total_cores)
     result["ray_cached"] = ray_train_rate(data_root, workdir, sizes, "on", f"bench-cached-{stamp}")
-    result["train_overhead_ratio"] = result["ray_online"]["samples_per_s"] / result["plain_online"]["samples_per_s"]
-    result["train_overhead_ratio_cached"] = result["ray_cached"]["samples_per_s"] / result["plain_cached"]["samples_per_s"]
-    result["feature_cache_speedup"] = result["ray_cached"]["samples_per_s"] / result["ray_online"]["samples_per_s"]
-    result["feature_cache_speedup_plain"] = result["plain_cached"]["samples_per_s"] / result["plain_online"]["samples_per_s"]
+    rate = {run: result[run]["samples_per_s"] for run in ("plain_online", "ray_online", "plain_cached", "ray_cached")}
+    result["train_overhead_ratio"] = rate["ray_online"] / rate["plain_online"]
+    result["train_overhead_ratio_cached"] = rate["ray_cached"] / rate["plain_cached"]
+    result["feature_cache_speedup"] = rate["ray_cached"] / rate["ray_online"]
+    result["feature_cache_speedup_plain"] = rate["plain_cached"] / rate["plain_online"]
     return result
 
 

@@ -16,8 +16,8 @@ import argparse
 import os
 import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 PLACEHOLDER = re.compile(r"\$\{(HANDSONVLM_[A-Z0-9_]+)\}")
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
-HORIZON = 4  # future points at +0.25, +0.5, +0.75, +1.0 s
+from handsonvlm.constants import NUM_FUTURE_POINTS
+
+HORIZON = NUM_FUTURE_POINTS  # future points at +0.25, +0.5, +0.75, +1.0 s
 # Kalman filter defaults, in normalised units and 0.25 s steps (0.01 ~ 4.6 px of a 456 px width)
 PROCESS_NOISE = 1e-4      # variance of the per-step velocity change (white-noise acceleration)
 MEASUREMENT_NOISE = 1e-4  # variance of a measured hand centre

@@ -66,23 +66,22 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping, NamedTuple
+from typing import NamedTuple
 
 import torch
 
+from handsonvlm.constants import NUM_TIME_TOKENS, POINT_DIM, RELEASE_DECODER_HIDDEN, RELEASE_DECODER_LATENT, time_token
+
 # ---- release vocabulary -------------------------------------------------------------------------
 RELEASE_BASE_VOCAB_SIZE = 32000  # Vicuna v1.3 / LLaMA
-RELEASE_NUM_TIME_TOKENS = 100  # LITA num_time_tokens
-TIME_TOKEN_TEMPLATE = "<t{t}>"
+RELEASE_NUM_TIME_TOKENS = NUM_TIME_TOKENS  # LITA num_time_tokens
 HAND_TOKEN = "<hand_traj>"
 RELEASE_HAND_TOKEN_ID = RELEASE_BASE_VOCAB_SIZE + RELEASE_NUM_TIME_TOKENS  # 32100
 RELEASE_VOCAB_SIZE = RELEASE_HAND_TOKEN_ID + 1  # 32101
 
 # ---- release module sizes (shape arithmetic; see release_decoder_shapes) -------------------------
-RELEASE_DECODER_HIDDEN = 512
-RELEASE_DECODER_LATENT = 256
-POINT_DIM = 2
 RELEASE_COORD_DIM = 64  # lita_llama_hoi_encoder.coord_dim
 RELEASE_BBOX_DIM = 4
 RELEASE_FUSION_DIM = 1024  # feat_fusion / downproject width (CLIP width in the hoi variant)
@@ -349,7 +348,7 @@ def load_release_checkpoint(directory: str | Path, include_vision: bool = False,
 
 def release_added_token_ids() -> dict[str, int]:
     """The release's added tokens and their ids: <t0>..<t99> -> 32000..32099, <hand_traj> -> 32100."""
-    ids = {TIME_TOKEN_TEMPLATE.format(t=t): RELEASE_BASE_VOCAB_SIZE + t for t in range(RELEASE_NUM_TIME_TOKENS)}
+    ids = {time_token(t): RELEASE_BASE_VOCAB_SIZE + t for t in range(RELEASE_NUM_TIME_TOKENS)}
     ids[HAND_TOKEN] = RELEASE_HAND_TOKEN_ID
     return ids
 
@@ -361,7 +360,7 @@ class AddedTokensVocab:
         self.token_to_id = dict(token_to_id)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "AddedTokensVocab":
+    def from_file(cls, path: str | Path) -> AddedTokensVocab:
         return cls(json.loads(Path(path).read_text()))
 
     def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | None | list[int | None]:

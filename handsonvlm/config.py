@@ -8,15 +8,69 @@ Nothing here touches the network: weights are read only where a config names a l
 
 from __future__ import annotations
 
+import argparse
 import copy
-from dataclasses import asdict, dataclass, field, fields
+import functools
+import json
+import typing
+from collections.abc import Iterable
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-MODES = ("release", "corrected")
-DECODERS = ("cvae", "mlp")
+from handsonvlm.constants import (
+    DECODER_KINDS,
+    MODES,
+    NUM_FUTURE_POINTS,
+    NUM_OBS_FRAMES,
+    NUM_TIME_TOKENS,
+    RELEASE_DECODER_HIDDEN,
+    RELEASE_DECODER_LATENT,
+    RELEASE_Z_SCALE,
+)
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+TASK_CHOICES = ("vhp", "rbhp", "both")
+DRAW_MODES = ("mean", "first")  # what predict.py draws: the mean of the complete samples, or the first
+ZERO_STAGES = (2, 3)
+PRECISIONS = ("auto", "bf16", "fp32")
+LR_SCHEDULES = ("cosine", "constant")
+FEATURE_CACHE_MODES = ("auto", "on", "off")
+RELEASE_MAX_NEW_TOKENS = 100  # the release's answer length limit
+
+
+class ConfigSection:
+    """A dataclass that is one section of a preset: strict ``from_dict`` (unknown keys are errors)."""
+
+    section: typing.ClassVar[str] = ""  # its key in a preset file
+
+    @classmethod
+    def from_dict(cls, data: dict | None):
+        data = data or {}
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.section} config keys {sorted(unknown)}")
+        return cls(**copy.deepcopy(data))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_choice(section: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{section}.{name} must be one of {choices}, got {value!r}")
+
+
+TINY_PRESET = CONFIG_DIR / "tiny.yaml"
+
+
+@functools.cache
+def _tiny_sizes(part: str) -> dict:
+    """The tiny preset's ``model.<part>.config``: what an LM or vision section without ``pretrained``
+    or ``config`` builds, so that the defaults describe a model that runs anywhere."""
+    with open(TINY_PRESET) as f:
+        return yaml.safe_load(f)["model"][part]["config"]
 
 
 @dataclass
@@ -35,6 +89,10 @@ class LMConfig:
     attn_implementation: str = "sdpa"  # "flash_attention_2" on GPUs that have it
     gradient_checkpointing: bool = False
 
+    def __post_init__(self):
+        if self.pretrained is None and self.config is None:
+            self.config = copy.deepcopy(_tiny_sizes("lm"))
+
 
 @dataclass
 class VisionConfig:
@@ -48,27 +106,35 @@ class VisionConfig:
     # (training workers, the feature cache, evaluation), whatever the global RNG state.
     init_seed: int = 0
 
+    def __post_init__(self):
+        if self.pretrained is None and self.config is None:
+            self.config = copy.deepcopy(_tiny_sizes("vision"))
+
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ConfigSection):
+    """The ``model:`` section of a preset."""
+
+    section = "model"
+
     name: str = "tiny"
     # "release": reproduce the released HandsOnVLM where it matters for its weights and numbers
     # (KL reduction, zero-padded/last-4 hand tokens at generation); "corrected": fix its defects.
     mode: str = "corrected"
     lm: LMConfig = field(default_factory=LMConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
-    num_obs_frames: int = 10  # unique frames per EPIC clip
+    num_obs_frames: int = NUM_OBS_FRAMES  # unique frames per EPIC clip
     num_video_frames: int = 100  # LITA's fixed frame count; a 10-frame clip is tiled to it
     num_slow_frames: int = 4  # frames whose pooled patch grids become "slow" tokens
     spatial_pool: int = 2  # avg_pool2d kernel on the patch grid of the slow frames
-    num_time_tokens: int = 100  # LITA <t0> ... <t99>
+    num_time_tokens: int = NUM_TIME_TOKENS  # LITA <t0> ... <t99>
     hand_token: str = "<hand_traj>"
     image_token: str = "<image>"
-    num_future_points: int = 4  # hand tokens per answer: +0.25 ... +1.0 s
+    num_future_points: int = NUM_FUTURE_POINTS  # hand tokens per answer: +0.25 ... +1.0 s
     traj_decoder: str = "cvae"
-    decoder_hidden: int = 512
-    decoder_latent: int = 256
-    z_scale: float = 2.0  # CVAE prior scale at inference (the release samples wider than training)
+    decoder_hidden: int = RELEASE_DECODER_HIDDEN
+    decoder_latent: int = RELEASE_DECODER_LATENT
+    z_scale: float = RELEASE_Z_SCALE  # CVAE prior scale at inference
     hoi_lambda: float = 1.0
     lambda_kl: float = 1e-3
     max_length: int = 2048
@@ -82,89 +148,174 @@ class ModelConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"model.mode must be one of {MODES}, got {self.mode!r}")
-        if self.traj_decoder not in DECODERS:
-            raise ValueError(f"model.traj_decoder must be one of {DECODERS}, got {self.traj_decoder!r}")
+        _check_choice("model", "mode", self.mode, MODES)
+        _check_choice("model", "traj_decoder", self.traj_decoder, DECODER_KINDS)
         if self.mode == "release" and self.traj_decoder == "mlp":
             raise ValueError("the release's MLP decoder cannot train (its validity shapes disagree); "
                              "use traj_decoder=cvae, or mode=corrected for the fixed MLP decoder")
         for part, name in ((self.lm, "lm"), (self.vision, "vision")):
-            if (part.pretrained is None) == (part.config is None):
+            if part.pretrained is not None and part.config is not None:
                 raise ValueError(f"model.{name}: give exactly one of 'pretrained' (a local path) or 'config'")
         if self.num_video_frames % self.num_obs_frames:
             raise ValueError("num_video_frames must be a multiple of num_obs_frames (frames are tiled)")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}")
-        return cls(**copy.deepcopy(data))
-
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ConfigSection):
     """The ``train:`` section of a preset (consumed by pipelines/train.py)."""
 
-    data: str = "runs/demo/data"  # preprocessing output root: samples/<split>/, features/<key>/
+    section = "train"
+
+    data: str = field(default="runs/demo/data", metadata={
+        "help": "preprocessing output root (holds samples/<split>/, features/<key>/)"})
     split: str = "train"
-    zero_stage: int = 2
-    precision: str = "auto"  # auto | bf16 | fp32
-    num_workers: int = 2
+    zero_stage: int = field(default=2, metadata={"choices": ZERO_STAGES, "help": "DeepSpeed ZeRO stage"})
+    precision: str = "auto"  # auto: bf16 on GPUs that support it, else fp32
+    num_workers: int = field(default=2, metadata={"help": "Ray Train workers (one per GPU)"})
     cpus_per_worker: float = 1.0
     micro_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     epochs: int = 1
-    max_steps: int | None = None
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
     lr: float = 2e-5
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     max_grad_norm: float = 1.0
-    lr_schedule: str = "cosine"  # cosine | constant
+    lr_schedule: str = "cosine"
     warmup_ratio: float = 0.03
     seed: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
-    task_rates: dict = field(default_factory=lambda: {"vhp": 0.5, "rbhp": 0.5})
+    task_rates: dict | None = None  # None: the mixture's defaults (handsonvlm.mixture.DEFAULT_TASK_RATES)
     rephrase_rate: float = 0.5
-    feature_cache: str = "auto"  # auto | on | off
+    feature_cache: str = "auto"  # auto: use OUT/features/<vision key> when present
     export_dir: str = "runs/models"
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
         for name in ("lr", "weight_decay", "eps", "max_grad_norm", "warmup_ratio", "rephrase_rate", "cpus_per_worker"):
             setattr(self, name, float(getattr(self, name)))  # YAML may give "1e-3" as a string
-        if self.zero_stage not in (2, 3):
-            raise ValueError(f"train.zero_stage must be 2 or 3, got {self.zero_stage}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"train.precision must be auto, bf16 or fp32, got {self.precision!r}")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"train.lr_schedule must be cosine or constant, got {self.lr_schedule!r}")
         if isinstance(self.feature_cache, bool):  # YAML reads on/off as booleans
             self.feature_cache = "on" if self.feature_cache else "off"
-        if self.feature_cache not in ("auto", "on", "off"):
-            raise ValueError(f"train.feature_cache must be auto, on or off, got {self.feature_cache!r}")
+        _check_choice("train", "zero_stage", self.zero_stage, ZERO_STAGES)
+        _check_choice("train", "precision", self.precision, PRECISIONS)
+        _check_choice("train", "lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _check_choice("train", "feature_cache", self.feature_cache, FEATURE_CACHE_MODES)
         if min(self.num_workers, self.micro_batch_size, self.gradient_accumulation_steps, self.epochs) < 1:
             raise ValueError("train.num_workers, micro_batch_size, gradient_accumulation_steps and epochs must be >= 1")
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown train config keys {sorted(unknown)}")
-        return cls(**copy.deepcopy(data))
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["betas"] = list(self.betas)
         return out
+
+
+@dataclass
+class SamplingConfig(ConfigSection):
+    """How answers are sampled, shared by evaluation and prediction."""
+
+    num_samples: int = field(default=1, metadata={"help": "K answers per clip, each with its own trajectory"})
+    temperature: float = field(default=0.5, metadata={"help": "0 = greedy, deterministic"})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling mass"})
+    seed: int = field(default=0, metadata={"help": "seeds prompts, token and CVAE sampling"})
+    max_new_tokens: int = field(default=RELEASE_MAX_NEW_TOKENS, metadata={"help": "answer length limit"})
+
+    def __post_init__(self):
+        self.temperature, self.top_p = float(self.temperature), float(self.top_p)
+        if self.num_samples < 1 or self.max_new_tokens < 1:
+            raise ValueError("num_samples and max_new_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class EvalConfig(SamplingConfig):
+    """The ``eval:`` section of a preset (consumed by pipelines/evaluate.py)."""
+
+    section = "eval"
+
+    split: str = "validation"
+    task: str = field(default="both", metadata={"choices": TASK_CHOICES})
+    max_new_tokens: int = field(default=64, metadata={"help": "answer length limit (four hand tokens fit)"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate the first N clips (sample_id order)"})
+    shuffle_questions: bool = field(default=False, metadata={"help": "also ask each clip another clip's question"})
+    batch_size: int = field(default=8, metadata={"help": "clips per map_batches call"})
+    replicas: int | None = field(default=None, metadata={"help": "model replicas (default: #GPUs, else 1)"})
+    gallery: int = field(default=8, metadata={"help": "overlay PNGs per task"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("eval", "task", self.task, TASK_CHOICES)
+        for name in ("limit", "replicas"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"eval.{name} must be >= 1, got {value}")
+        if self.batch_size < 1 or self.gallery < 0:
+            raise ValueError("eval.batch_size must be >= 1 and eval.gallery >= 0")
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return ("vhp", "rbhp") if self.task == "both" else (self.task,)
+
+
+@dataclass
+class PredictConfig(SamplingConfig):
+    """The settings of pipelines/predict.py (the ``predict:`` section of a preset)."""
+
+    section = "predict"
+
+    at: float | None = field(default=None, metadata={
+        "help": "--video only: time (s) of the last observed frame (default: the last frame)"})
+    draw: str = field(default="mean", metadata={
+        "choices": DRAW_MODES, "help": "what --out/--png draw: the mean of the complete samples, or the first"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, cuda:1, ..."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice("predict", "draw", self.draw, DRAW_MODES)
+
+
+# ---------------------------------------------------------------------------------------------
+# command-line flags derived from the dataclass fields: one definition of type, default and help
+
+def _flag_type(cls, name: str):
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def add_section_flags(parser: argparse.ArgumentParser, section: str, cls, names: Iterable[str]) -> None:
+    """Add ``--max-steps``-style flags for the fields ``names`` of the dataclass ``cls``.
+
+    Type, choices and help come from the field; a flag left out keeps the preset's value, so every
+    flag defaults to None here and the help shows the dataclass default."""
+    by_name = {f.name: f for f in fields(cls)}
+    for name in names:
+        f = by_name[name]
+        default = f.default if f.default is not MISSING else None
+        kind = _flag_type(cls, name)
+        help_text = f"{f.metadata.get('help', '')} ({section}.{name}; default: {default})".strip()
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, default=None, choices=f.metadata.get("choices"),
+                                help=help_text)
+
+
+def section_overrides(args: argparse.Namespace, section: str, names: Iterable[str]) -> list[str]:
+    """``["train.max_steps=100", ...]`` for the flags of :func:`add_section_flags` that were given."""
+    out = []
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            # JSON is a YAML subset: strings stay strings, numbers numbers (see _parse_value)
+            out.append(f"{section}.{name}={json.dumps(value)}")
+    return out
 
 
 def _parse_value(text: str):
@@ -220,3 +371,8 @@ def load_preset(name_or_path: str, overrides: list[str] | None = None) -> dict:
 
 def load_model_config(name_or_path: str, overrides: list[str] | None = None) -> ModelConfig:
     return ModelConfig.from_dict(load_preset(name_or_path, overrides).get("model", {}))
+
+
+def load_section(cls, name_or_path: str, section: str, overrides: list[str] | None = None):
+    """One typed section of a preset, e.g. ``load_section(EvalConfig, "tiny", "eval", ["eval.seed=1"])``."""
+    return cls.from_dict(load_preset(name_or_path, overrides).get(section))

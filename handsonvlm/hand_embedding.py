@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import torch
 
-NUM_HANDS = 2  # hand 0 = right, hand 1 = left
-RIGHT_HAND, LEFT_HAND = 0, 1
-POINT_DIM = 2  # (x, y), normalised image coordinates
+from handsonvlm.constants import LEFT_HAND, NUM_HANDS, POINT_DIM, RIGHT_HAND
+
 POSITION_BASE = 10000.0  # frequency base of the sinusoidal encoding
 ENCODING_BLOCKS = 4  # [sin(x w), cos(y w), sin(x w), cos(y w)]
 

@@ -17,7 +17,7 @@ Agreement with transformers' PIL ``CLIPImageProcessor``: within one grey level o
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np

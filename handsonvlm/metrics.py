@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 
-NUM_HANDS = 2
-NUM_FUTURE_STEPS = 4  # +0.25, +0.5, +0.75, +1.0 s
-
 
 def _as_numpy(x, dtype=np.float64) -> np.ndarray:
     """numpy or torch (any device, any float dtype) -> numpy array of ``dtype``."""

@@ -98,8 +98,9 @@ Dense-captioning / localisation answers carry LITA's ``<tN>`` time tokens, which
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -352,7 +353,7 @@ class Mixture:
 
     @classmethod
     def from_config(cls, train_cfg: Mapping | None, model_cfg: ModelConfig | None = None,
-                    extra_sources: Mapping[str, TaskSource] | None = None) -> "Mixture":
+                    extra_sources: Mapping[str, TaskSource] | None = None) -> Mixture:
         """From a preset's ``train:`` section: ``task_rates`` (default {"vhp": 0.5, "rbhp": 0.5}),
         ``rephrase_rate`` (default 0.5), ``seed`` (default 0). ``vhp``/``rbhp`` are built here;
         any other task in ``task_rates`` must come in ``extra_sources`` (which may also replace them)."""

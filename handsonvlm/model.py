@@ -206,7 +206,7 @@ class HandsOnVLM(nn.Module):
         self.tokenizer.save_pretrained(str(directory))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> "HandsOnVLM":
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> HandsOnVLM:
         from safetensors.torch import load_file
 
         directory = Path(directory)

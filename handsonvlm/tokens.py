@@ -15,25 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from handsonvlm.config import CONFIG_DIR, ModelConfig
+from handsonvlm.constants import time_token
 from handsonvlm.prompts import tokenizer_corpus
 
 TINY_TOKENIZER_DIR = CONFIG_DIR / "tokenizers" / "tiny"
 TINY_VOCAB_SIZE = 1024
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 # A kitchen vocabulary so that the tiny tokenizer has whole-word pieces for the data's words.
-KITCHEN_WORDS = """
-take put wash open close insert turn-on cut turn-off pour mix move remove throw dry shake scoop adjust squeeze
-peel empty press flip turn check scrape apply fill fold hold fit lift rub stir transition pick get grab set
-unscrew screw pull push slide place return rinse clean wipe scrub fry boil cook heat chop slice dice serve
-drink eat sip spread reach use make prepare water tea coffee milk juice oil vinegar sauce salt pepper sugar
-tap spoon plate cupboard knife pan lid bowl drawer sponge glass hand fridge cup fork bottle onion cloth board
-chopping bag spatula container liquid washing soap towel kettle jar egg bread cheese butter meat vegetable
-potato tomato carrot garlic rice pasta dish pot sink counter table stove oven microwave bin box paper tray
-mug blade scrubber cereal batter soup honey toast jam pickles prep surface wooden frying dinner meal thirst
-something some the a an my me to for of with into onto on in from off up down out over under left right
-hands hand trajectory move where should if want can you provide what is recommended movement next second
-red green blue yellow white black brown pink purple orange grey small large tall round flat
-""".split()
+KITCHEN_WORDS = ["take", "put", "wash", "open", "close", "insert", "turn-on", "cut", "turn-off", "pour", "mix", "move", "remove", "throw", "dry", "shake", "scoop", "adjust", "squeeze", "peel", "empty", "press", "flip", "turn", "check", "scrape", "apply", "fill", "fold", "hold", "fit", "lift", "rub", "stir", "transition", "pick", "get", "grab", "set", "unscrew", "screw", "pull", "push", "slide", "place", "return", "rinse", "clean", "wipe", "scrub", "fry", "boil", "cook", "heat", "chop", "slice", "dice", "serve", "drink", "eat", "sip", "spread", "reach", "use", "make", "prepare", "water", "tea", "coffee", "milk", "juice", "oil", "vinegar", "sauce", "salt", "pepper", "sugar", "tap", "spoon", "plate", "cupboard", "knife", "pan", "lid", "bowl", "drawer", "sponge", "glass", "hand", "fridge", "cup", "fork", "bottle", "onion", "cloth", "board", "chopping", "bag", "spatula", "container", "liquid", "washing", "soap", "towel", "kettle", "jar", "egg", "bread", "cheese", "butter", "meat", "vegetable", "potato", "tomato", "carrot", "garlic", "rice", "pasta", "dish", "pot", "sink", "counter", "table", "stove", "oven", "microwave", "bin", "box", "paper", "tray", "mug", "blade", "scrubber", "cereal", "batter", "soup", "honey", "toast", "jam", "pickles", "prep", "surface", "wooden", "frying", "dinner", "meal", "thirst", "something", "some", "the", "a", "an", "my", "me", "to", "for", "of", "with", "into", "onto", "on", "in", "from", "off", "up", "down", "out", "over", "under", "left", "right", "hands", "hand", "trajectory", "move", "where", "should", "if", "want", "can", "you", "provide", "what", "is", "recommended", "movement", "next", "second", "red", "green", "blue", "yellow", "white", "black", "brown", "pink", "purple", "orange", "grey", "small", "large", "tall", "round", "flat"]
 
 
 @dataclass(frozen=True)
@@ -82,7 +71,7 @@ def load_tokenizer(cfg: ModelConfig):
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     tokenizer.padding_side = "right"
     tokenizer.model_max_length = cfg.max_length
-    time_tokens = [f"<t{i}>" for i in range(cfg.num_time_tokens)]
+    time_tokens = [time_token(t) for t in range(cfg.num_time_tokens)]
     missing = [t for t in time_tokens if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_tokens(missing)
@@ -92,7 +81,7 @@ def load_tokenizer(cfg: ModelConfig):
 
 
 def special_tokens(tokenizer, cfg: ModelConfig) -> SpecialTokens:
-    ids = tokenizer.convert_tokens_to_ids([cfg.hand_token] + [f"<t{i}>" for i in range(cfg.num_time_tokens)])
+    ids = tokenizer.convert_tokens_to_ids([cfg.hand_token] + [time_token(t) for t in range(cfg.num_time_tokens)])
     return SpecialTokens(hand=ids[0], eos=tokenizer.eos_token_id, pad=tokenizer.pad_token_id,
                          bos=tokenizer.bos_token_id, time_tokens=tuple(ids[1:]))
 

@@ -49,13 +49,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-POINT_DIM = 2
-NUM_HANDS = 2
-DEFAULT_HIDDEN = 512
-DEFAULT_LATENT = 256
-INFERENCE_Z_SCALE = 2.0  # release TrajCVAE(z_scale=2.0)
-KL_REDUCTIONS = ("release", "corrected")
-DECODER_KINDS = ("cvae", "mlp")
+from handsonvlm.constants import (
+    DECODER_KINDS,
+    NUM_HANDS,
+    POINT_DIM,
+    RELEASE_DECODER_HIDDEN,
+    RELEASE_DECODER_LATENT,
+    RELEASE_Z_SCALE,
+)
+from handsonvlm.constants import MODES as KL_REDUCTIONS  # "release" keeps the release's KL reduction
+
 COMPUTE_DTYPE = torch.float32
 
 
@@ -92,7 +95,7 @@ class CVAETrajectoryDecoder(nn.Module):
 
     kind = "cvae"
 
-    def __init__(self, cond_dim: int, hidden: int = DEFAULT_HIDDEN, latent: int = DEFAULT_LATENT,
+    def __init__(self, cond_dim: int, hidden: int = RELEASE_DECODER_HIDDEN, latent: int = RELEASE_DECODER_LATENT,
                  point_dim: int = POINT_DIM):
         super().__init__()
         self.cond_dim, self.hidden, self.latent, self.point_dim = cond_dim, hidden, latent, point_dim
@@ -139,7 +142,7 @@ class CVAETrajectoryDecoder(nn.Module):
         return {"pred": pred, "recon": recon, "kl": kl}
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, z_scale: float = INFERENCE_Z_SCALE,
+    def sample(self, cond: torch.Tensor, z_scale: float = RELEASE_Z_SCALE,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Inference: cond [..., Dc] -> yhat [..., 2] float32 with z = z_scale * N(0, I)."""
         if cond.shape[-1] != self.cond_dim:
@@ -158,7 +161,7 @@ class MLPTrajectoryDecoder(nn.Module):
 
     kind = "mlp"
 
-    def __init__(self, cond_dim: int, hidden: int = DEFAULT_HIDDEN, point_dim: int = POINT_DIM):
+    def __init__(self, cond_dim: int, hidden: int = RELEASE_DECODER_HIDDEN, point_dim: int = POINT_DIM):
         super().__init__()
         self.cond_dim, self.hidden, self.point_dim = cond_dim, hidden, point_dim
         self.fc1 = nn.Linear(cond_dim, hidden)
@@ -189,7 +192,7 @@ class MLPTrajectoryDecoder(nn.Module):
         return {"pred": pred, "recon": recon, "kl": recon.new_zeros(())}
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, z_scale: float = INFERENCE_Z_SCALE,
+    def sample(self, cond: torch.Tensor, z_scale: float = RELEASE_Z_SCALE,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """Inference: cond [..., Dc] -> yhat [..., 2] float32 (deterministic; z_scale/generator ignored)."""
         if cond.shape[-1] != self.cond_dim:
@@ -198,8 +201,8 @@ class MLPTrajectoryDecoder(nn.Module):
             return self.predict(cond)
 
 
-def build_traj_decoder(kind: str, cond_dim: int, hidden: int = DEFAULT_HIDDEN,
-                       latent: int = DEFAULT_LATENT) -> CVAETrajectoryDecoder | MLPTrajectoryDecoder:
+def build_traj_decoder(kind: str, cond_dim: int, hidden: int = RELEASE_DECODER_HIDDEN,
+                       latent: int = RELEASE_DECODER_LATENT) -> CVAETrajectoryDecoder | MLPTrajectoryDecoder:
     """``kind`` "cvae" (released) or "mlp"; ``cond_dim`` = D/2. ``latent`` is ignored for "mlp"."""
     kind = kind.lower()
     if kind == "cvae":

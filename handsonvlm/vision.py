@@ -85,7 +85,7 @@ class VisionTower(nn.Module):
         self.requires_grad_(False)
         self.train(False)
 
-    def train(self, mode: bool = True) -> "VisionTower":
+    def train(self, mode: bool = True) -> VisionTower:
         """Ignore ``mode``: the frozen tower is always in eval mode."""
         return super().train(False)
 

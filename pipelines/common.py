@@ -6,6 +6,8 @@ import argparse
 import logging
 import os
 
+from preprocessing import storage
+
 DEFAULT_OBJECT_STORE_BYTES = 1 << 30  # a bounded store leaves room for workers on small machines
 LOCAL_DASHBOARD_HOST = "127.0.0.1"
 
@@ -48,3 +50,33 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def absolute_uri(uri: str) -> str:
+    """A local path made absolute (Ray workers and Tune trials run in other directories); a URI as is."""
+    return storage.join(uri) if storage.is_local(uri) else uri
+
+
+def add_preset_flags(parser: argparse.ArgumentParser, section: str, default: str) -> None:
+    """``--config PRESET`` and repeatable ``--set SECTION.KEY=VALUE`` for an entry point that reads
+    one section of a preset (see :func:`load_config_section`); ``default`` says what a missing
+    ``--config`` means."""
+    parser.add_argument("--config", help=f"preset name in configs/ or a YAML path (default: {default})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a key of the preset's {section}: section, e.g. {section}.seed=1")
+
+
+def load_config_section(parser: argparse.ArgumentParser, args: argparse.Namespace, cls, section: str,
+                        names) -> object:
+    """The typed ``section`` of ``args.config``, then ``args.set``, then the flags ``names`` of
+    :func:`handsonvlm.config.add_section_flags` (later wins). A bad key or value is a usage error
+    (argparse exits with 2), as a bad flag is."""
+    from handsonvlm.config import load_section, section_overrides
+
+    foreign = [item for item in args.set if not item.startswith(f"{section}.")]
+    if foreign:
+        parser.error(f"--set takes {section}.* keys only, got {foreign}")
+    try:
+        return load_section(cls, args.config, section, [*args.set, *section_overrides(args, section, names)])
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        parser.error(str(exc))

@@ -1,4 +1,5 @@
-"""MLflow on the driver: one experiment, one run per training (reused when a run resumes).
+"""MLflow on the driver: one experiment, one run per training (reused when a run resumes); the
+training workers' rank 0 logs into that run (:class:`WorkerLogger`).
 
 The tracking URI comes from ``MLFLOW_TRACKING_URI``; by default a sqlite database under ``runs/``
 (``mlflow ui --backend-store-uri sqlite:///runs/mlflow.db``). The experiment is created here, once,
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 EXPERIMENT = "handsonvlm"
@@ -16,6 +18,7 @@ RUN_NAME_TAG = "handsonvlm.run_name"
 DEFAULT_DB = Path("runs") / "mlflow.db"
 MAX_PARAM_LENGTH = 500  # MLflow's limit for a parameter value
 SECRET_WORDS = ("token", "password", "secret", "api_key", "apikey", "credential")
+RESTARTS_METRIC = "train/restarts"
 
 
 def tracking_uri() -> str:
@@ -59,11 +62,12 @@ def git_commit() -> str | None:
         return None
 
 
-def start_run(mlflow_client, exp_id: str, run_name: str, params: dict[str, str], tags: dict[str, str]) -> tuple[str, bool]:
+def start_run(mlflow_client, exp_id: str, run_name: str, params: dict[str, str],
+              tags: dict[str, str]) -> tuple[str, bool]:
     """The run named ``run_name`` in the experiment (reused when resuming), else a new one.
 
     Returns (run_id, resumed)."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
 
     existing = mlflow_client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                                          max_results=1)
@@ -80,3 +84,33 @@ def start_run(mlflow_client, exp_id: str, run_name: str, params: dict[str, str],
 
 def finish_run(mlflow_client, run_id: str, ok: bool) -> None:
     mlflow_client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+
+class WorkerLogger:
+    """A training worker's metrics into the run the driver created: rank 0 logs, other ranks log nothing."""
+
+    def __init__(self, settings: dict | None, rank: int):
+        self.client = None
+        if settings and rank == 0:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=settings["tracking_uri"])
+            self.run_id = settings["run_id"]
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def restarts_so_far(self) -> int:
+        """Restores this MLflow run has recorded so far (kept in the run itself, so the count survives
+        worker restarts and re-runs alike)."""
+        if self.client is None:
+            return 0
+        return int(max((m.value for m in self.client.get_metric_history(self.run_id, RESTARTS_METRIC)), default=0))
+
+    def close(self) -> None:
+        self.client = None

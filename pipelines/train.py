@@ -18,21 +18,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a bare checkout / job working_dir
 
-from pipelines import tracking  # noqa: E402
-from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, init_ray, setup_logging  # noqa: E402
-from pipelines.training import export_path_for, feature_cache_plan, plan_data, train_loop_per_worker  # noqa: E402
+from handsonvlm.config import ModelConfig, TrainConfig, add_section_flags, load_preset, section_overrides
+from pipelines import tracking
+from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, absolute_uri, init_ray, setup_logging
+from preprocessing import layout
+from preprocessing.training_data import feature_cache_plan, plan_data
 
 DEFAULT_STORAGE = "runs/ray_results"
+TRAIN_FLAGS = ("data", "max_steps", "num_workers", "zero_stage")  # --data, --max-steps, ...: train.<name>
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="tiny", help="preset name in configs/ or a YAML path")
-    p.add_argument("--data", help="preprocessing output root (holds samples/<split>/); default: train.data")
     p.add_argument("--run-name", help="Ray Train run name; the same name resumes (default: <preset>-<time>)")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--num-workers", type=int)
-    p.add_argument("--zero-stage", type=int, choices=(2, 3))
+    add_section_flags(p, TrainConfig.section, TrainConfig, TRAIN_FLAGS)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any preset key, e.g. train.lr=1e-3 or model.mode=release")
     p.add_argument("--storage", default=DEFAULT_STORAGE, help="Ray Train storage path (checkpoints; local or URI)")
@@ -43,18 +44,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_config(args) -> dict:
-    from handsonvlm.config import ModelConfig, TrainConfig, load_preset
+def config_overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` overrides, then those of the train flags that were given (the flags win)."""
+    return [*args.set, *section_overrides(args, TrainConfig.section, TRAIN_FLAGS)]
 
-    overrides = list(args.set)
-    for flag, key in ((args.data, "train.data"), (args.max_steps, "train.max_steps"),
-                      (args.num_workers, "train.num_workers"), (args.zero_stage, "train.zero_stage")):
-        if flag is not None:
-            overrides.append(f"{key}={flag}")
-    data = load_preset(args.config, overrides)
+
+def resolve_config(preset: str, overrides: list[str]) -> dict:
+    """The preset with ``key=value`` overrides, validated: {"model": ..., "train": ..., "preset": ...}."""
+    data = load_preset(preset, overrides)
     model = ModelConfig.from_dict(data.get("model", {}))
     train = TrainConfig.from_dict(data.get("train", {}))
-    return {"model": model.to_dict(), "train": train.to_dict(), "preset": args.config}
+    return {"model": model.to_dict(), "train": train.to_dict(), "preset": preset}
+
+
+def export_path_for(export_dir: str, run_name: str) -> str:
+    return str(Path(export_dir).absolute() / run_name)
 
 
 def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_failures: int = 0,
@@ -66,10 +70,12 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from pipelines.train_worker import train_loop_per_worker  # torch and the model: only where training runs
+
     train = config["train"]
-    data = train["data"] if "://" in train["data"] else str(Path(train["data"]).absolute())
-    samples_dir = f"{data.rstrip('/')}/samples/{train['split']}"
-    plan = plan_data(samples_dir, train["num_workers"], train["micro_batch_size"], train["gradient_accumulation_steps"])
+    data = absolute_uri(train["data"])
+    plan = plan_data(layout.samples_dir(data, train["split"]), train["num_workers"], train["micro_batch_size"],
+                     train["gradient_accumulation_steps"])
     print(f"[train] {run_name}: {plan['total_rows']} samples in {sum(map(len, plan['files']))} shards; "
           f"{plan['steps_per_epoch']} steps/epoch on {train['num_workers']} workers", flush=True)
     plan["features"] = feature_cache_plan(data, train["split"], [f for fs in plan["files"] for f in fs],
@@ -86,11 +92,12 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
                 "stage": "train", "device": "gpu" if use_gpu else "cpu", **(extra_tags or {})}
         params = tracking.flatten({"model": config["model"], "train": train})
         run_id, resumed = tracking.start_run(mlflow_client, exp_id, run_name, params, tags)
-        print(f"[train] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {tracking.tracking_uri()}", flush=True)
+        state = "resumed" if resumed else "new"
+        print(f"[train] MLflow run {run_id} ({state}) at {tracking.tracking_uri()}", flush=True)
     loop_config = {**config, "plan": plan, "export_path": export_path,
                    "mlflow": {"tracking_uri": tracking.tracking_uri(), "run_id": run_id} if run_id else None}
 
-    storage = storage if "://" in storage else str(Path(storage).absolute())
+    storage = absolute_uri(storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -119,7 +126,7 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
-    config = resolve_config(args)
+    config = resolve_config(args.config, config_overrides(args))
     run_name = args.run_name or f"{config['model']['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
     init_ray(args.ray_address, args.num_cpus, DEFAULT_OBJECT_STORE_BYTES)
     out = launch(config, run_name, args.storage, args.max_failures, use_mlflow=not args.no_mlflow)

@@ -20,9 +20,14 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a bare checkout / job working_dir
 
-from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, init_ray, setup_logging  # noqa: E402
-from pipelines.train import DEFAULT_STORAGE, launch  # noqa: E402
+from handsonvlm.config import TrainConfig, add_section_flags, load_preset, section_overrides
+from pipelines import tracking
+from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, absolute_uri, init_ray, setup_logging
+from pipelines.train import DEFAULT_STORAGE, launch, resolve_config
+from preprocessing.storage import is_local
 
+TUNE_FLAGS = ("data", "max_steps")  # --data, --max-steps: train.<name> of every trial
+PATH_KEYS = ("data", "export_dir")  # train keys made absolute: trials run in their own directories
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 # The trial only waits for its TorchTrainer, so it reserves no CPU: Tune needs a non-empty bundle,
 # and even 0.01 CPU starves the workers' Ray Data reads, whose file-listing task asks for a whole CPU.
@@ -47,14 +52,10 @@ def search_space(spec: dict) -> dict:
 
 def trial(params: dict, base_overrides: list[str], preset: str, sweep: str, storage: str, tracking_uri: str) -> None:
     """One Tune trial: the preset plus this trial's values, trained and reported."""
+    import ray
     from ray import tune
 
-    from pipelines.train import resolve_config
-
-    overrides = base_overrides + [f"{k}={v}" for k, v in params.items()]
-    config = resolve_config(argparse.Namespace(config=preset, set=overrides, data=None, max_steps=None,
-                                               num_workers=None, zero_stage=None))
-    import ray
+    config = resolve_config(preset, base_overrides + [f"{k}={v}" for k, v in params.items()])
 
     run_name = f"{sweep}-{tune.get_context().get_trial_id()}"
     tags = {"sweep": sweep, "stage": "tune", **{f"tune.{k}": str(v) for k, v in params.items()}}
@@ -73,8 +74,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="tiny")
     p.add_argument("--search-space", required=True, help="YAML with metric, mode, num_samples, params")
-    p.add_argument("--data")
-    p.add_argument("--max-steps", type=int)
+    add_section_flags(p, TrainConfig.section, TrainConfig, TUNE_FLAGS)
     p.add_argument("--name", help="sweep name (default: sweep-<time>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--storage", default=DEFAULT_STORAGE)
@@ -87,30 +87,27 @@ def main(argv=None) -> int:
     with open(args.search_space) as f:
         spec = yaml.safe_load(f)
     space = search_space(spec)
-    from handsonvlm.config import load_preset
-    from pipelines import tracking
 
     # Trials run in their own working directories: hand them absolute paths and one tracking URI.
     tracking_uri = tracking.tracking_uri()
-    overrides = list(args.set)
-    train_section = load_preset(args.config, overrides).get("train", {})
-    for key, value in (("data", args.data or train_section.get("data")), ("export_dir", train_section.get("export_dir"))):
-        if value and "://" not in str(value):
-            overrides.append(f"train.{key}={Path(value).absolute()}")
-    if args.max_steps:
-        overrides.append(f"train.max_steps={args.max_steps}")
+    overrides = [*args.set, *section_overrides(args, TrainConfig.section, TUNE_FLAGS)]
+    train_section = load_preset(args.config, overrides).get(TrainConfig.section, {})
+    for key in PATH_KEYS:
+        value = train_section.get(key)
+        if value and is_local(str(value)):
+            overrides.append(f"train.{key}={absolute_uri(str(value))}")
     sweep = args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
-    storage = args.storage if "://" in args.storage else str(Path(args.storage).absolute())
+    storage_path = absolute_uri(args.storage)
     init_ray(args.ray_address, args.num_cpus, DEFAULT_OBJECT_STORE_BYTES)
-    trainable = tune.with_parameters(trial, base_overrides=overrides, preset=args.config, sweep=sweep, storage=storage,
-                                     tracking_uri=tracking_uri)
+    trainable = tune.with_parameters(trial, base_overrides=overrides, preset=args.config, sweep=sweep,
+                                     storage=storage_path, tracking_uri=tracking_uri)
     tuner = tune.Tuner(
         tune.with_resources(trainable, TRIAL_RESOURCES),
         param_space=space,
         tune_config=tune.TuneConfig(metric=spec.get("metric", "fixed_batch_loss"), mode=spec.get("mode", "min"),
                                     num_samples=int(spec.get("num_samples", 1)),
                                     max_concurrent_trials=int(spec.get("max_concurrent_trials", 1))),
-        run_config=tune.RunConfig(name=sweep, storage_path=storage),
+        run_config=tune.RunConfig(name=sweep, storage_path=storage_path),
     )
     results = tuner.fit()
     best = results.get_best_result()

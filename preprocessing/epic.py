@@ -1,7 +1,7 @@
 """Reading the EPIC-KITCHENS-100 annotation CSVs (narrations, video info) into validated tables.
 
 Bad rows never raise: they are returned in a :class:`~preprocessing.quarantine.Quarantine` with a
-reason, and every good row is kept. Column formats are described in ``epic_data_spec.md`` §2.
+reason, and every good row is kept. Column formats: docs/DATA.md, "Inputs".
 """
 
 from __future__ import annotations

@@ -34,22 +34,28 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from preprocessing import storage
+from preprocessing import layout, storage
+from preprocessing.layout import (
+    FEATURES_DIR,
+    SHARD_SUFFIX,
+    STATE_DIR,
+    feature_root,
+    feature_shard_paths,
+    sample_shard_paths,
+)
 from preprocessing.quarantine import Quarantine
-from preprocessing.samples import STATE_DIR, is_done
-from preprocessing.samples import shard_paths as sample_shard_paths
+from preprocessing.samples import is_done
 from preprocessing.schema import SCHEMA_VERSION, fixed_tensor, tensor_array, tensor_column
 
 log = logging.getLogger(__name__)
 
-FEATURES_DIR = "features"
 VISION_CONFIG_FILE = "vision_config.json"
 # Bump when the computation behind a key changes (decoding, CLIP preprocessing, pooling): a new
 # version gives new keys, so old caches are never read as current.
@@ -72,18 +78,6 @@ def feature_key(cfg) -> str:
     """Short stable hash (12 hex) of :func:`vision_spec`; names the cache directory of one tower."""
     blob = json.dumps(vision_spec(cfg), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
-def feature_root(out: str, key: str) -> str:
-    return storage.join(out, FEATURES_DIR, key)
-
-
-def feature_paths(out: str, key: str, split: str, shard_id: str) -> dict[str, str]:
-    return {
-        "features": storage.join(out, FEATURES_DIR, key, split, f"{shard_id}.parquet"),
-        "quarantine": storage.join(out, "quarantine", f"features-{key}-{split}-{shard_id}.parquet"),
-        "done": storage.join(out, STATE_DIR, FEATURES_DIR, key, split, f"{shard_id}.json"),
-    }
 
 
 def feature_fingerprint(sample_fingerprint: str, key: str, dtype: str) -> str:
@@ -246,7 +240,7 @@ def process_feature_shard(spec: dict, cfg, out: str, dtype: str = DEFAULT_FEATUR
     if tower is None:
         tower = build_tower(cfg, device)
     channels, grid_tokens = tower_dims(tower, cfg.spatial_pool)
-    paths = feature_paths(out, key, split, shard_id)
+    paths = feature_shard_paths(out, key, split, shard_id)
 
     fs, path = storage.resolve(spec["samples"])
     table = pq.read_table(path, filesystem=fs, columns=["sample_id", "video_id", "obs_jpeg"])
@@ -305,7 +299,7 @@ def process_feature_shard(spec: dict, cfg, out: str, dtype: str = DEFAULT_FEATUR
 # reading (for training)
 
 def read_feature_table(out: str, key: str, split: str, shard_id: str, columns: list[str] | None = None) -> pa.Table:
-    fs, path = storage.resolve(feature_paths(out, key, split, shard_id)["features"])
+    fs, path = storage.resolve(feature_shard_paths(out, key, split, shard_id)["features"])
     return pq.read_table(path, filesystem=fs, columns=columns)
 
 
@@ -343,7 +337,7 @@ def align_features(table: pa.Table, sample_ids: Sequence[str], dtype=np.float32)
 def feature_shard_current(out: str, key: str, split: str, shard_id: str) -> bool:
     """Whether the feature shard exists and was computed from the sample shard as it is now
     (its done marker names the sample shard's current done-marker fingerprint)."""
-    paths = feature_paths(out, key, split, shard_id)
+    paths = feature_shard_paths(out, key, split, shard_id)
     sample_done = sample_shard_paths(out, split, shard_id)["done"]
     if not (storage.exists(paths["features"]) and storage.exists(paths["done"]) and storage.exists(sample_done)):
         return False
@@ -354,25 +348,21 @@ def feature_shard_current(out: str, key: str, split: str, shard_id: str) -> bool
         return False
 
 
-def read_vision_config(out: str, key: str) -> dict:
-    return storage.read_json(storage.join(feature_root(out, key), VISION_CONFIG_FILE))
-
-
 # ---------------------------------------------------------------------------------------------
 # the Ray Data job
 
 def _shard_ids(uri: str, suffix: str) -> set[str]:
-    return {f.rsplit("/", 1)[-1][: -len(suffix)] for f in storage.list_files(uri, suffix)}
+    return {f.rsplit("/", 1)[-1][: -len(suffix)] for f in storage.list_files(uri, suffix)}  # done markers too
 
 
 def plan_feature_shards(out: str, split: str, key: str, dtype: str) -> tuple[list[dict], list[str]]:
     """Specs of the split's completed sample shards, and the ids of sample shards without a done
     marker (unfinished; not processed, and any feature shard of theirs is treated as stale)."""
-    samples_dir = storage.join(out, "samples", split)
+    samples_dir = layout.samples_dir(out, split)
     if not storage.is_dir(samples_dir):
         raise FileNotFoundError(f"no sample shards for split {split!r} at {samples_dir}; run --stage samples first")
     specs, not_ready = [], []
-    for shard_id in sorted(_shard_ids(samples_dir, ".parquet")):
+    for shard_id in sorted(_shard_ids(samples_dir, SHARD_SUFFIX)):
         spaths = sample_shard_paths(out, split, shard_id)
         try:
             sample_fp = storage.read_json(spaths["done"]).get("fingerprint") if storage.exists(spaths["done"]) else None
@@ -388,11 +378,11 @@ def plan_feature_shards(out: str, split: str, key: str, dtype: str) -> tuple[lis
 
 def _remove_stale(out: str, key: str, split: str, current: set[str]) -> int:
     """Delete feature outputs of shards that are not (or no longer) completed sample shards."""
-    ids = (_shard_ids(storage.join(feature_root(out, key), split), ".parquet")
+    ids = (_shard_ids(storage.join(feature_root(out, key), split), SHARD_SUFFIX)
            | _shard_ids(storage.join(out, STATE_DIR, FEATURES_DIR, key, split), ".json"))
     removed = 0
     for shard_id in sorted(ids - current):
-        for uri in feature_paths(out, key, split, shard_id).values():
+        for uri in feature_shard_paths(out, key, split, shard_id).values():
             if storage.exists(uri):
                 fs, p = storage.resolve(uri)
                 fs.delete_file(p)
@@ -459,7 +449,7 @@ def run_features_stage(out: str, splits: Sequence[str], cfg, dtype: str = DEFAUL
         split_stats[split] = {"key": key, "dtype": dtype, "shards": len(specs), "shards_not_ready": len(not_ready),
                               "stale_shards_removed": removed}
         for spec in specs:
-            paths = feature_paths(out, key, split, spec["shard_id"])
+            paths = feature_shard_paths(out, key, split, spec["shard_id"])
             if is_done(paths, spec["fingerprint"], output="features"):
                 summary = dict(storage.read_json(paths["done"]))
                 summary["skipped"] = True
@@ -499,7 +489,7 @@ def run_features_stage(out: str, splits: Sequence[str], cfg, dtype: str = DEFAUL
                       "quarantined": dict(quarantined), "shards_processed": sum(not s["skipped"] for s in mine),
                       "shards_reused": sum(s["skipped"] for s in mine)})
 
-    manifest_uri = storage.join(out, "manifest.json")
+    manifest_uri = layout.manifest_path(out)
     previous = storage.read_json(manifest_uri) if storage.exists(manifest_uri) else {}
     keys = dict(previous.get("stages", {}).get("features", {}).get("keys", {}))
     keys[key] = {"vision": vision_spec(cfg), "dtype": dtype, "dims": dims, "splits": sorted(split_stats)}

@@ -17,12 +17,12 @@ import pyarrow as pa
 
 from preprocessing import epic, storage
 from preprocessing.labels import HandTargets, HoiLabels, LabelError, future_point_valid, missing_targets
-from preprocessing.questions import PARAPHRASE_FILE, QUESTION_FILES, load_paraphrases, load_questions
 from preprocessing.quarantine import Quarantine
+from preprocessing.questions import PARAPHRASE_FILE, QUESTION_FILES, load_paraphrases, load_questions
 from preprocessing.schema import COORD_SPACE, INDEX_SCHEMA, NUM_HANDS, SCHEMA_VERSION, tensor_array
 from preprocessing.window import (
-    NUM_FUTURE_POINTS,
     NUM_OBS_FRAMES,
+    NUM_TRACK_POINTS,
     action_is_observable,
     convention_fps,
     frame_path,
@@ -84,6 +84,11 @@ def _fetch_labels(labels: HoiLabels, uids: list[int], split: str) -> list[HandTa
 
     with ThreadPoolExecutor(LABEL_IO_THREADS) as pool:
         return list(pool.map(one, uids))
+
+
+def _stack(arrays: list[np.ndarray], shape: tuple[int, ...], dtype) -> np.ndarray:
+    """``[N, *shape]``; an empty list gives a ``[0, *shape]`` array (a split with no rows)."""
+    return np.stack(arrays).astype(dtype, copy=False) if arrays else np.zeros((0, *shape), dtype)
 
 
 def build_index(cfg: IndexConfig) -> IndexResult:
@@ -160,7 +165,7 @@ def _index_split(df, split, n_read, cfg, video_info, questions, paraphrases, lab
     obs_idx = observation_frame_indices(df["start_frame"].to_numpy(), fps).reshape(-1, NUM_OBS_FRAMES)
     obs_time = frame_time_s(obs_idx, fps[:, None])
     # explicit width: a split left with no action (e.g. its CSV lacks columns) must still index
-    future_idx = future_frame_indices(obs_idx[:, -1], fps).reshape(len(df), NUM_FUTURE_POINTS)
+    future_idx = future_frame_indices(obs_idx[:, -1], fps).reshape(len(df), NUM_TRACK_POINTS)
     obs_paths = [[frame_path(p, v, i) for i in idx] for p, v, idx in zip(df["participant_id"], df["video_id"], obs_idx)]
 
     targets: list[HandTargets] = [missing_targets() for _ in range(len(df))]
@@ -187,13 +192,13 @@ def _index_split(df, split, n_read, cfg, video_info, questions, paraphrases, lab
     obs_paths = [p for p, k in zip(obs_paths, keep) if k]
 
     n = len(df)
-    future_hands = np.stack([t.future_hands for t in targets]) if n else np.zeros((0, NUM_HANDS, 5, 2), np.float32)
-    future_valid = np.stack([t.future_valid for t in targets]) if n else np.zeros((0, NUM_HANDS), bool)
-    past = np.stack([t.past_hands if t.past_hands is not None else np.zeros((NUM_HANDS, NUM_OBS_FRAMES, 2), np.float32)
-                     for t in targets]) if n else np.zeros((0, NUM_HANDS, NUM_OBS_FRAMES, 2), np.float32)
-    past_valid = np.stack([t.past_hands_valid if t.past_hands_valid is not None
-                           else np.zeros((NUM_HANDS, NUM_OBS_FRAMES), bool) for t in targets]) if n else \
-        np.zeros((0, NUM_HANDS, NUM_OBS_FRAMES), bool)
+    no_past = np.zeros((NUM_HANDS, NUM_OBS_FRAMES, 2), np.float32)  # real hoi-forecast labels carry no past track
+    no_past_valid = np.zeros((NUM_HANDS, NUM_OBS_FRAMES), bool)
+    future_hands = _stack([t.future_hands for t in targets], (NUM_HANDS, NUM_TRACK_POINTS, 2), np.float32)
+    future_valid = _stack([t.future_valid for t in targets], (NUM_HANDS,), bool)
+    past = _stack([no_past if t.past_hands is None else t.past_hands for t in targets], no_past.shape, np.float32)
+    past_valid = _stack([no_past_valid if t.past_hands_valid is None else t.past_hands_valid for t in targets],
+                        no_past_valid.shape, bool)
     frames_fps = np.array([rgb_frames_fps(v) for v in df["video_id"]], dtype=np.float32)
     last_paths = [p[-1] for p in obs_paths]
 

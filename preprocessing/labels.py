@@ -1,6 +1,6 @@
 """hoi-forecast future-hand labels -> HandsOnVLM targets.
 
-Two sources, looked up by hoi uid (``epic_data_spec.md`` §3):
+Two sources, looked up by hoi uid (docs/DATA.md, "Inputs"):
 
 * per-action pickles ``labels/label_<uid>.pkl`` (21-point trajectories in pixels of the 456x256
   last-observation frame), with ``video_info.json`` listing the labelled uids;
@@ -19,7 +19,7 @@ import numpy as np
 
 from preprocessing import safe_pickle, storage
 from preprocessing.schema import HAND_SIDES, LABEL_IMAGE_HEIGHT, LABEL_IMAGE_WIDTH, NUM_HANDS
-from preprocessing.window import NUM_FUTURE_POINTS, NUM_OBS_FRAMES
+from preprocessing.window import NUM_OBS_FRAMES, NUM_TRACK_POINTS
 
 IMAGE_SIZE = np.array([LABEL_IMAGE_WIDTH, LABEL_IMAGE_HEIGHT], dtype=np.float32)
 # hoi-forecast's fill value for a hand without a trajectory: "below the image", on its side.
@@ -54,7 +54,7 @@ class HandTargets:
 
 def missing_targets() -> HandTargets:
     """Targets of an unlabelled action: both hands absent (placeholders, valid = False)."""
-    future = np.repeat(MISSING_HAND_POINT[:, None, :], NUM_FUTURE_POINTS, axis=1)
+    future = np.repeat(MISSING_HAND_POINT[:, None, :], NUM_TRACK_POINTS, axis=1)
     return HandTargets(future, np.zeros(NUM_HANDS, bool), np.zeros((0, 2), np.float32), "none")
 
 
@@ -83,10 +83,10 @@ def targets_from_label_pickle(label: dict) -> HandTargets:
         raise LabelError("label_unreadable", "label dict lacks 'hand_trajs' or 'frame_indices'")
     frame_indices = list(label["frame_indices"])
     n_points = len(frame_indices)
-    gap = (n_points - 1) // (NUM_FUTURE_POINTS - 1)
+    gap = (n_points - 1) // (NUM_TRACK_POINTS - 1)
     if gap < 1:
         raise LabelError("bad_trajectory", f"label has only {n_points} frames")
-    keep = np.arange(NUM_FUTURE_POINTS) * gap
+    keep = np.arange(NUM_TRACK_POINTS) * gap
     targets = missing_targets()
     targets.source = "hoi_forecast_auto"
     targets.first_frame = int(frame_indices[0])
@@ -120,7 +120,7 @@ def targets_from_cache_entry(entry: dict) -> HandTargets:
         contact = np.asarray(entry.get("contact_point", np.zeros(0)), dtype=np.float32).reshape(-1, 2)
     except (KeyError, TypeError, ValueError) as exc:
         raise LabelError("label_unreadable", f"cache entry unusable: {exc}") from exc
-    if future.shape != (NUM_HANDS, NUM_FUTURE_POINTS, 2) or valid.shape != (NUM_HANDS,):
+    if future.shape != (NUM_HANDS, NUM_TRACK_POINTS, 2) or valid.shape != (NUM_HANDS,):
         raise LabelError("bad_trajectory", f"cache entry shapes {future.shape}/{valid.shape}")
     if not np.all(np.isfinite(future)):
         raise LabelError("bad_trajectory", "cached future_hands holds NaN or inf")

@@ -16,13 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from preprocessing import storage
+from preprocessing import layout, storage
 from preprocessing.media import FrameError, RgbFramesReader, VideoFileReader, decode_jpeg, locate_source
 from preprocessing.quarantine import Quarantine
 from preprocessing.schema import INDEX_SCHEMA, SAMPLES_SCHEMA, tensor_array, tensor_column
 from preprocessing.window import NUM_OBS_FRAMES
 
-STATE_DIR = "_state"  # done markers live outside the shard directories so readers never see them
 
 
 @dataclass(frozen=True)
@@ -34,14 +33,6 @@ class MediaConfig:
 
     def fingerprint_salt(self) -> str:
         return f"h={self.frame_height};q={self.jpeg_quality};schema={SAMPLES_SCHEMA.metadata[b'schema_version'].decode()}"
-
-
-def shard_paths(out: str, split: str, shard_id: str) -> dict[str, str]:
-    return {
-        "samples": storage.join(out, "samples", split, f"{shard_id}.parquet"),
-        "quarantine": storage.join(out, "quarantine", f"samples-{split}-{shard_id}.parquet"),
-        "done": storage.join(out, STATE_DIR, "samples", split, f"{shard_id}.json"),
-    }
 
 
 def table_to_ipc(table: pa.Table) -> bytes:
@@ -98,7 +89,7 @@ def process_shard(split: str, shard_id: str, rows_ipc: bytes, fingerprint: str, 
     seconds, skipped}``.
     """
     t0 = time.perf_counter()
-    paths = shard_paths(media.out, split, shard_id)
+    paths = layout.sample_shard_paths(media.out, split, shard_id)
     rows = ipc_to_table(rows_ipc)
     quarantine = Quarantine("samples")
     video_id = rows.column("video_id")[0].as_py()

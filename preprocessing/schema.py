@@ -10,14 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from preprocessing.window import NUM_FUTURE_POINTS, NUM_OBS_FRAMES
+from handsonvlm.constants import EPIC_FRAME_HEIGHT, EPIC_FRAME_WIDTH, HOI_FORECAST_SIDES, NUM_HANDS
+from preprocessing.window import NUM_OBS_FRAMES, NUM_TRACK_POINTS
 
 SCHEMA_VERSION = 1
-NUM_HANDS = 2  # row 0 = RIGHT, row 1 = LEFT (hoi-forecast order)
-HAND_SIDES = ("RIGHT", "LEFT")
+HAND_SIDES = HOI_FORECAST_SIDES  # row 0 = RIGHT, row 1 = LEFT (hoi-forecast order)
 # hoi-forecast's normalisation plane: labels are pixels of the 456x256 rgb_frames image.
-LABEL_IMAGE_WIDTH = 456
-LABEL_IMAGE_HEIGHT = 256
+LABEL_IMAGE_WIDTH = EPIC_FRAME_WIDTH
+LABEL_IMAGE_HEIGHT = EPIC_FRAME_HEIGHT
 COORD_SPACE = "last_obs_frame_norm_456x256"
 
 
@@ -93,12 +93,12 @@ INDEX_FIELDS = [
     tensor_field("obs_frame_idx", pa.int32(), (NUM_OBS_FRAMES,)),
     tensor_field("obs_time_s", pa.float64(), (NUM_OBS_FRAMES,)),
     tensor_field("obs_frame_path", pa.string(), (NUM_OBS_FRAMES,)),
-    tensor_field("future_frame_idx", pa.int32(), (NUM_FUTURE_POINTS,)),
+    tensor_field("future_frame_idx", pa.int32(), (NUM_TRACK_POINTS,)),
     pa.field("narration_paraphrases", pa.list_(pa.string()), nullable=False),
     pa.field("rbhp_questions", pa.list_(pa.string()), nullable=False),
     pa.field("label_source", pa.string(), nullable=False),
-    tensor_field("future_hands", pa.float32(), (NUM_HANDS, NUM_FUTURE_POINTS, 2)),
-    tensor_field("future_point_valid", pa.bool_(), (NUM_HANDS, NUM_FUTURE_POINTS)),
+    tensor_field("future_hands", pa.float32(), (NUM_HANDS, NUM_TRACK_POINTS, 2)),
+    tensor_field("future_point_valid", pa.bool_(), (NUM_HANDS, NUM_TRACK_POINTS)),
     tensor_field("future_valid", pa.bool_(), (NUM_HANDS,)),
     pa.field("contact_points", pa.list_(pa.list_(pa.float32(), 2)), nullable=False),
     # Hand centres at the observed frames where a source provides them (all-false mask otherwise).

@@ -24,31 +24,28 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from preprocessing import storage
+from preprocessing import layout, storage
 from preprocessing.index import IndexConfig, build_index
 from preprocessing.samples import (
-    STATE_DIR,
     MediaConfig,
     done_summary,
     is_done,
     process_shard,
     shard_fingerprint,
-    shard_paths,
     table_to_ipc,
 )
 from preprocessing.schema import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
-INDEX_FILE = "part-00000.parquet"
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def update_manifest(out: str, stage: str, config: dict, split_stats: dict[str, dict], extra: dict | None = None) -> dict:
     """Merge one stage's counts into ``OUT/manifest.json`` (read-modify-write in the driver)."""
-    uri = storage.join(out, "manifest.json")
+    uri = layout.manifest_path(out)
     manifest = storage.read_json(uri) if storage.exists(uri) else {"schema_version": SCHEMA_VERSION, "splits": {}}
     manifest["updated_at"] = _now()
     manifest.setdefault("stages", {})[stage] = {"config": config, "finished_at": _now(), **(extra or {})}
@@ -58,10 +55,6 @@ def update_manifest(out: str, stage: str, config: dict, split_stats: dict[str, d
     return manifest
 
 
-def index_path(out: str, split: str) -> str:
-    return storage.join(out, "index", split, INDEX_FILE)
-
-
 def run_index_stage(cfg: IndexConfig, out: str) -> dict:
     """Build and write the index of every split; returns the per-split counts."""
     t0 = time.perf_counter()
@@ -69,9 +62,9 @@ def run_index_stage(cfg: IndexConfig, out: str) -> dict:
     for split, table in result.tables.items():
         order = pc.sort_indices(table, [("video_id", "ascending"), ("start_frame", "ascending"),
                                         ("narration_id", "ascending")])
-        storage.write_parquet_atomic(table.take(order), index_path(out, split))
-        log.info("index %s: %d actions -> %s", split, table.num_rows, index_path(out, split))
-    result.quarantine.write(storage.join(out, "quarantine", "index.parquet"))
+        storage.write_parquet_atomic(table.take(order), layout.index_path(out, split))
+        log.info("index %s: %d actions -> %s", split, table.num_rows, layout.index_path(out, split))
+    result.quarantine.write(layout.index_quarantine_path(out))
     extra = {"quarantined_total": result.quarantine.counts(), "seconds": round(time.perf_counter() - t0, 2)}
     config = {k: v for k, v in asdict(cfg).items()}
     config["splits"] = list(cfg.splits)
@@ -99,10 +92,10 @@ def plan_shards(index: pa.Table, shard_size: int) -> list[tuple[str, pa.Table]]:
 def _remove_stale_shards(out: str, split: str, current: set[str]) -> int:
     """Delete outputs of shards that the current index no longer produces (idempotent re-runs)."""
     removed = 0
-    for uri in storage.list_files(storage.join(out, "samples", split), ".parquet"):
-        shard_id = uri.rsplit("/", 1)[-1][: -len(".parquet")]
+    for uri in storage.list_files(layout.samples_dir(out, split), layout.SHARD_SUFFIX):
+        shard_id = layout.shard_id(uri)
         if shard_id not in current:
-            for path in shard_paths(out, split, shard_id).values():
+            for path in layout.sample_shard_paths(out, split, shard_id).values():
                 if storage.exists(path):
                     fs, p = storage.resolve(path)
                     fs.delete_file(p)
@@ -114,9 +107,9 @@ def _remove_partial_writes(out: str, split: str) -> int:
     """Delete the temporary files of writes that a killed run left behind (``<file>.tmp-<id>``, see
     ``storage.write_bytes_atomic``); readers ignore them, but they would pile up over preemptions."""
     removed = 0
-    for directory, prefix in ((storage.join(out, "samples", split), ""),
-                              (storage.join(out, STATE_DIR, "samples", split), ""),
-                              (storage.join(out, "quarantine"), f"samples-{split}-")):
+    for directory, prefix in ((layout.samples_dir(out, split), ""),
+                              (layout.samples_state_dir(out, split), ""),
+                              (layout.quarantine_dir(out), layout.sample_quarantine_prefix(split))):
         for uri in storage.list_files(directory):
             name = uri.rsplit("/", 1)[-1]
             if name.startswith(prefix) and storage.PARTIAL_WRITE_MARK in name:
@@ -142,9 +135,10 @@ def run_samples_stage(out: str, splits: tuple[str, ...], media: MediaConfig, sha
     t0 = time.perf_counter()
     pending, reused, split_stats = [], [], {}
     for split in splits:
-        if not storage.exists(index_path(out, split)):
-            raise FileNotFoundError(f"no index for split {split!r} at {index_path(out, split)}; run --stage index first")
-        fs, path = storage.resolve(index_path(out, split))
+        index_uri = layout.index_path(out, split)
+        if not storage.exists(index_uri):
+            raise FileNotFoundError(f"no index for split {split!r} at {index_uri}; run --stage index first")
+        fs, path = storage.resolve(index_uri)
         index = pq.read_table(path, filesystem=fs)
         labelled = pc.not_equal(index.column("label_source"), "none")
         n_unlabelled = index.num_rows - int(pc.sum(labelled).as_py() or 0)
@@ -159,7 +153,7 @@ def run_samples_stage(out: str, splits: tuple[str, ...], media: MediaConfig, sha
         for shard_id, rows in shards:
             rows_ipc = table_to_ipc(rows)
             fingerprint = shard_fingerprint(rows_ipc, media)
-            paths = shard_paths(out, split, shard_id)
+            paths = layout.sample_shard_paths(out, split, shard_id)
             if is_done(paths, fingerprint):
                 reused.append(done_summary(paths))
             else:
@@ -198,5 +192,5 @@ def run_samples_stage(out: str, splits: tuple[str, ...], media: MediaConfig, sha
         })
     config = {**asdict(media), "splits": list(splits), "shard_size": shard_size, "unlabelled": unlabelled}
     update_manifest(out, "samples", config, split_stats, {"seconds": round(time.perf_counter() - t0, 2),
-                                                          "state_dir": STATE_DIR})
+                                                          "state_dir": layout.STATE_DIR})
     return split_stats

@@ -14,8 +14,8 @@ import posixpath
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.fs as pafs

@@ -8,7 +8,7 @@ reproduces the reference code bit for bit, including two of its quirks:
 * every video is treated as 60 fps (``fps_convention="hoi60"``), although EPIC-100 extension
   videos (``PXX_1YY``) were extracted at 50 fps;
 * times are cast to float32 before ``floor(t * F)``, which makes ~1.7 % of indices one file
-  lower than exact integer arithmetic would (see ``epic_data_spec.md`` section 4).
+  lower than exact integer arithmetic would (docs/DATA.md, "Observation window").
 
 ``fps_convention="native"`` uses each video's true rgb_frames rate (60 or 50) instead; it is
 physically correct but does not join with the released artefacts.
@@ -20,11 +20,9 @@ import re
 
 import numpy as np
 
-OBS_FPS = 4.0  # observation sampling rate (frames per second)
-OBS_SECONDS = 2.5  # hoi-forecast's observation_seconds; n = floor(2.5 * 4) = 10 frames
-NUM_OBS_FRAMES = int(OBS_SECONDS * OBS_FPS)  # 10
-ANTICIPATION_SECONDS = 1.0  # gap between the last observed frame and the action start
-NUM_FUTURE_POINTS = int(ANTICIPATION_SECONDS * OBS_FPS) + 1  # 5: the last observed point + 4 future
+from handsonvlm.constants import ANTICIPATION_SECONDS, NUM_FUTURE_POINTS, NUM_OBS_FRAMES, OBS_FPS
+
+NUM_TRACK_POINTS = NUM_FUTURE_POINTS + 1  # 5 stored points per hand: the last observed one + the 4 future
 REFERENCE_FPS = 60.0  # hoi-forecast's origin_fps, used for every video under "hoi60"
 LABEL_FPS = 20.0  # rate of the 21-point hoi-forecast label trajectories
 FPS_CONVENTIONS = ("hoi60", "native")

@@ -53,7 +53,7 @@ def synth_data(tmp_path_factory, ray_local) -> Path:
     job. Read-only by convention: write evaluation outputs under unique run names and caches into
     a copy."""
     from pipelines import preprocess
-    from preprocessing.synthetic import generate, preprocess_source_args
+    from synthkitchens.generate import generate, preprocess_source_args
 
     root = tmp_path_factory.mktemp("synth_data")
     tree, out = root / "synth", root / "data"

@@ -236,7 +236,7 @@ def parse_pipeline_command(tokens: list[str]):
     if stage == "preprocess":
         assert {args.epic_root, args.annotations} <= set(looked_up) | {None}
     if stage == "train":  # presets and --set keys must exist too
-        module.resolve_config(args)
+        module.resolve_config(args.config, module.config_overrides(args))
     return stage, args
 
 

@@ -9,10 +9,18 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from handsonvlm.compat import (AddedTokensVocab, UnknownReleaseKeyError, check_release_vocab,
-                               load_release_checkpoint, load_release_state_dict, ours_to_release,
-                               release_added_token_ids, release_decoder_shapes, release_to_ours,
-                               release_unused_shapes)
+from handsonvlm.compat import (
+    AddedTokensVocab,
+    UnknownReleaseKeyError,
+    check_release_vocab,
+    load_release_checkpoint,
+    load_release_state_dict,
+    ours_to_release,
+    release_added_token_ids,
+    release_decoder_shapes,
+    release_to_ours,
+    release_unused_shapes,
+)
 from handsonvlm.traj_decoder import CVAETrajectoryDecoder, MLPTrajectoryDecoder
 
 # tiny released model: LLaMA D=64, 2 layers; CLIP width 32, 1 layer, 28 px / 14 px patches
@@ -71,15 +79,41 @@ def fake_release_state_dict(kind: str = "cvae") -> tuple[dict, dict]:
             add(f"{CLIP}encoder.layers.{i}.{leaf}", _t(*shape), f"vision.encoder.encoder.layers.{i}.{leaf}")
     add(CLIP + "embeddings.position_ids", torch.arange(CLIP_POSITIONS)[None], None)
 
-    ours_names = {"cvae.enc_MLP.0": "enc_in", "cvae.linear_means": "enc_mu", "cvae.linear_log_var": "enc_logvar",
-                  "cvae.dec_MLP.0": "dec_in", "cvae.dec_MLP.2": "dec_out",
-                  "mlp.0": "fc1", "mlp.2": "fc2", "mlp.4": "fc_out"}
-    for key, shape in release_decoder_shapes(D, kind).items():
-        module, wb = key[len(DEC):].rsplit(".", 1)
-        add(key, _t(*shape, dtype=torch.bfloat16), f"traj_decoder.{ours_names[module]}.{wb}")
-    for key, shape in release_unused_shapes(D).items():
+    # Written out from the release's module definitions (TrajCVAE / the MLP head, Dc = D/2 = 32),
+    # not derived from handsonvlm.compat's shape tables, so that the mapping is checked against them.
+    for module, ours, out_features, in_features in RELEASE_DECODER_LAYERS[kind]:
+        add(f"{DEC}{module}.weight", _t(out_features, in_features, dtype=torch.bfloat16), f"traj_decoder.{ours}.weight")
+        add(f"{DEC}{module}.bias", _t(out_features, dtype=torch.bfloat16), f"traj_decoder.{ours}.bias")
+    for key, shape in RELEASE_UNUSED_SHAPES.items():
         add(key, _t(*shape), None)
     return sd, expect
+
+
+# (released module, ours, out_features, in_features) at D = 64
+RELEASE_DECODER_LAYERS = {
+    "cvae": [("cvae.enc_MLP.0", "enc_in", 512, 2 + 32), ("cvae.linear_means", "enc_mu", 256, 512),
+             ("cvae.linear_log_var", "enc_logvar", 256, 512), ("cvae.dec_MLP.0", "dec_in", 512, 256 + 32),
+             ("cvae.dec_MLP.2", "dec_out", 2, 512)],
+    "mlp": [("mlp.0", "fc1", 512, 32), ("mlp.2", "fc2", 512, 512), ("mlp.4", "fc_out", 2, 512)],
+}
+RELEASE_UNUSED_SHAPES = {  # at D = 64; never trained, dropped on load
+    "hand_traj_positional_embedding.weight": (32, 2), "hand_traj_positional_embedding.bias": (32,),
+    "time_embedding": (20, 64),
+    "bbox_to_feature.0.weight": (32, 4), "bbox_to_feature.0.bias": (32,),
+    "bbox_to_feature.2.weight": (64, 32), "bbox_to_feature.2.bias": (64,),
+    "feat_fusion.0.weight": (1024, 1088), "feat_fusion.0.bias": (1024,),
+    "downproject.weight": (1024, 1024), "downproject.bias": (1024,),
+}
+
+
+def test_shape_tables_agree_with_the_release_modules():
+    for kind, layers in RELEASE_DECODER_LAYERS.items():
+        expected = {}
+        for module, _, out_features, in_features in layers:
+            expected[f"{DEC}{module}.weight"] = (out_features, in_features)
+            expected[f"{DEC}{module}.bias"] = (out_features,)
+        assert release_decoder_shapes(D, kind) == expected
+    assert release_unused_shapes(D) == RELEASE_UNUSED_SHAPES
 
 
 UNUSED_PREFIXES = ("hand_traj_positional_embedding.", "time_embedding", "bbox_to_feature.", "feat_fusion.",

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import REPO_ROOT, isolated_env
 
 RUN = "demo-learns"

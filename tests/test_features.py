@@ -21,16 +21,16 @@ from preprocessing.features import (
     VISION_CONFIG_FILE,
     align_features,
     feature_key,
-    feature_paths,
     feature_shard_current,
     load_feature_shard,
     plan_feature_shards,
     process_feature_shard,
     read_feature_table,
 )
-from preprocessing.samples import shard_paths
+from preprocessing.layout import feature_shard_paths as feature_paths
+from preprocessing.layout import sample_shard_paths as shard_paths
 from preprocessing.schema import tensor_column
-from preprocessing.synthetic import generate, preprocess_source_args
+from synthkitchens.generate import generate, preprocess_source_args
 
 pytestmark = pytest.mark.ray
 

@@ -7,8 +7,8 @@ import pickle
 
 import numpy as np
 import pytest
-
 from conftest import EPIC_ANNOTATIONS, HANDSONVLM_ASSETS, require
+
 from preprocessing import epic, safe_pickle
 from preprocessing.labels import HoiLabels, LabelError, future_point_valid, targets_from_label_pickle
 from preprocessing.quarantine import Quarantine

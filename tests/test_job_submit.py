@@ -101,7 +101,7 @@ def test_three_stages_submitted_as_ray_jobs(head_node, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from pipelines import tracking
-    from preprocessing.synthetic import generate, preprocess_source_args
+    from synthkitchens.generate import generate, preprocess_source_args
 
     env, address = head_node
     tree, data, models = tmp_path / "synth", tmp_path / "data", tmp_path / "models"

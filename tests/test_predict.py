@@ -1,4 +1,5 @@
-"""pipelines/predict.py on a tiny exported model: video and frame-directory input, JSON, overlays, errors."""
+"""pipelines/predict.py on a tiny exported model: video and frame-directory input, typed settings, JSON,
+overlays, errors. The library pieces it calls are tested in test_inference.py."""
 
 from __future__ import annotations
 
@@ -8,27 +9,19 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from test_inference import EPIC_SIZE, FULL_HD, NUM_VIDEO_FRAMES, write_video
 
-from handsonvlm.config import load_model_config
+from handsonvlm.config import PredictConfig, load_model_config
+from handsonvlm.constants import EPIC_FRAME_HEIGHT, EPIC_FRAME_WIDTH, NUM_OBS_FRAMES
 from handsonvlm.data import Example, collate, encode_conversation, rbhp_turns
 from handsonvlm.image import preprocess_frames
 from handsonvlm.model import HandsOnVLM
 from pipelines import predict
-from pipelines.predict import main, nearest_frames, read_video, window_times
+from pipelines.predict import main, parse_args
+from preprocessing.media import read_video
 
 QUESTION = "Where should my hand move to if I want to pour the oil?"
-W, H, FPS, NUM_VIDEO_FRAMES = 456, 256, 30, 90  # a 3 s clip
-
-
-def write_video(path, num_frames=NUM_VIDEO_FRAMES):
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, (W, H))
-    assert writer.isOpened()
-    for i in range(num_frames):
-        frame = np.full((H, W, 3), 40, np.uint8)
-        cv2.circle(frame, (40 + 4 * i, 128 + int(40 * np.sin(i / 10))), 24, (40, 160, 240), -1)  # BGR
-        writer.write(frame)
-    writer.release()
-    return path
+W, H = EPIC_SIZE
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +51,6 @@ def run_cli(capsys, args):
     code = main(args)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def test_window_times_and_nearest_frames():
-    np.testing.assert_allclose(window_times(2.5), np.arange(1, 11) * 0.25)
-    np.testing.assert_allclose(window_times(1.0), [0, 0, 0, 0, 0, 0, 0.25, 0.5, 0.75, 1.0])  # clamped at 0
-    starts = np.arange(90) / 30
-    assert nearest_frames(window_times(2.5), starts).tolist() == [7, 15, 22, 30, 37, 45, 52, 60, 67, 75]
-    assert nearest_frames(np.array([0.0, 2.98, 5.0]), starts).tolist() == [0, 89, 89]
 
 
 def test_video_prediction_writes_json_mp4_and_png(setup, capsys, tmp_path):
@@ -140,19 +125,6 @@ def test_incomplete_answer_is_reported_with_nulls_and_not_drawn(setup, capsys, t
     assert cv2.imread(str(png)).shape == (540, 960, 3)
 
 
-def test_choose_drawn_skips_incomplete_samples():
-    traj = np.stack([np.full((2, 4, 2), np.nan), np.full((2, 4, 2), 0.2), np.full((2, 4, 2), 0.4)])
-    complete = np.array([False, True, True])
-    mean, info = predict.choose_drawn(traj, complete, "mean")
-    np.testing.assert_allclose(mean, 0.3)
-    assert info == {"mode": "mean", "samples": [1, 2]}
-    first, info = predict.choose_drawn(traj, complete, "first")
-    np.testing.assert_allclose(first, 0.2)
-    assert info == {"mode": "first", "samples": [1]}
-    assert predict.choose_drawn(traj, np.zeros(3, bool), "mean") == (None, None)
-    assert predict.overlay_size(456, 256) == (960, 540) and predict.overlay_size(1080, 1920) == (960, 1706)
-
-
 def test_frames_directory_with_three_jpegs(setup, capsys, tmp_path):
     _, model_dir, video = setup
     frames_dir = tmp_path / "frames"
@@ -208,3 +180,40 @@ def test_usage_errors_exit_via_argparse(setup, capsys):
     assert exc.value.code == 2 and "--at only applies to --video" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--model", str(model_dir), "--video", str(video), "--frames", ".", "--question", QUESTION])
+
+
+def test_full_hd_video_reaches_the_model_at_shard_size(setup, capsys, tmp_path, monkeypatch):
+    """A 1920x1080 clip is resized as the samples stage resizes (456x256), coordinates stay full-frame."""
+    _, model_dir, _ = setup
+    fps = 10  # few 1080p frames keep the test fast
+    video = write_video(tmp_path / "full_hd.mp4", num_frames=3 * fps, size=FULL_HD, fps=fps)
+    seen, answer = [], predict.inference.predict
+
+    def spy(model, frames, *args, **kwargs):
+        seen.append(frames.shape)
+        return answer(model, frames, *args, **kwargs)
+
+    monkeypatch.setattr(predict.inference, "predict", spy)
+    code, stdout, stderr = run_cli(capsys, ["--model", str(model_dir), "--video", str(video), "--question", QUESTION,
+                                            "--temperature", "0", "--max-new-tokens", "5"])
+    assert code == 0, stderr
+    assert seen == [(NUM_OBS_FRAMES, EPIC_FRAME_HEIGHT, EPIC_FRAME_WIDTH, 3)]
+    assert json.loads(stdout.strip().splitlines()[-1])["frame_size"] == list(FULL_HD)
+    assert "centre crop" not in stderr  # 16:9 is the training aspect
+
+
+def test_settings_come_from_defaults_preset_and_flags(tmp_path, capsys):
+    base = ["--model", "m", "--video", "v.mp4", "--question", QUESTION]
+    _, cfg = parse_args(base)
+    assert cfg == PredictConfig()
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("predict:\n  num_samples: 3\n  temperature: 0.2\n  draw: first\n")
+    _, cfg = parse_args([*base, "--config", str(preset), "--temperature", "0", "--at", "1.5", "--device", "cpu"])
+    assert (cfg.num_samples, cfg.temperature, cfg.draw, cfg.at, cfg.device) == (3, 0.0, "first", 1.5, "cpu")
+    for flags, message in ((["--temperature", "-1"], "temperature must be >= 0"),
+                           (["--top-p", "0"], "top_p must be in (0, 1]"),
+                           (["--num-samples", "0"], "must be >= 1"),
+                           (["--config", "no-such-preset"], "no preset")):
+        with pytest.raises(SystemExit) as exc:
+            parse_args([*base, *flags])
+        assert exc.value.code == 2 and message in capsys.readouterr().err, flags

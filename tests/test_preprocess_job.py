@@ -14,7 +14,7 @@ from pipelines import preprocess
 from preprocessing import storage
 from preprocessing.media import decode_jpeg
 from preprocessing.schema import INDEX_SCHEMA, SAMPLES_SCHEMA, tensor_column
-from preprocessing.synthetic import generate, preprocess_source_args
+from synthkitchens.generate import generate, preprocess_source_args
 
 pytestmark = pytest.mark.ray
 

@@ -31,7 +31,7 @@ from conftest import REPO_ROOT, isolated_env
 from pipelines import preprocess
 from preprocessing import storage
 from preprocessing.quarantine import REASONS
-from preprocessing.synthetic import generate, preprocess_source_args
+from synthkitchens.generate import generate, preprocess_source_args
 from test_train_job import metric_history
 
 SMALL_OBJECT_STORE = 80 * 1024 * 1024  # Ray's minimum is 75 MiB
@@ -388,7 +388,7 @@ FAULT_STEP, CHECKPOINT_EVERY, MAX_STEPS = 3, 2, 4
 @pytest.fixture(scope="module")
 def faulted_training(synth_data, tmp_path_factory):
     """pipelines/train.py --max-failures 1 in its own Ray, with the fault hook of
-    pipelines/training.py killing the last rank right after step 3 (checkpoints at steps 2 and 4),
+    pipelines/train_worker.py killing the last rank right after step 3 (checkpoints at steps 2 and 4),
     and fake secrets in its environment."""
     work = tmp_path_factory.mktemp("faulted")
     name = f"fault-{uuid.uuid4().hex[:8]}"

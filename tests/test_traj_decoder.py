@@ -7,9 +7,14 @@ import math
 import pytest
 import torch
 
-from handsonvlm.hand_embedding import (hand_conditions, hand_point_encoding, hand_token_embeddings,
-                                       interleave_hands, split_hands)
-from handsonvlm.traj_decoder import (CVAETrajectoryDecoder, MLPTrajectoryDecoder, build_traj_decoder)
+from handsonvlm.hand_embedding import (
+    hand_conditions,
+    hand_point_encoding,
+    hand_token_embeddings,
+    interleave_hands,
+    split_hands,
+)
+from handsonvlm.traj_decoder import CVAETrajectoryDecoder, MLPTrajectoryDecoder, build_traj_decoder
 
 B, T, D = 3, 4, 32  # batch, waypoints, tiny LLM width
 DC = D // 2

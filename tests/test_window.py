@@ -4,8 +4,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import EPIC_ANNOTATIONS, HANDSONVLM_ASSETS, require
+
 from preprocessing import epic
 from preprocessing.quarantine import Quarantine
 from preprocessing.window import (

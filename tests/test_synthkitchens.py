@@ -1,4 +1,4 @@
-"""Tests for the SynthKitchens generator (preprocessing/synthetic.py, preprocessing/synthetic_scene.py)."""
+"""Tests for the SynthKitchens generator (the synthkitchens package)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ import cv2
 import numpy as np
 import pytest
 
-from preprocessing import synthetic as synth
-from preprocessing import synthetic_scene as scene_lib
+from handsonvlm.constants import EPIC_FRAME_HEIGHT, EPIC_FRAME_WIDTH
 from preprocessing.window import frame_path, future_frame_indices, observation_frame_indices
+from synthkitchens import generate as synth
+from synthkitchens import scene as scene_lib
+from synthkitchens.gap_report import language_gap_report
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_ANNOTATION_DIRS = [REPO / "shared" / "data" / "epic100_annotations",
@@ -359,7 +361,7 @@ def test_rerun_replaces_previous_output(tmp_path):
 
 def test_cli(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "preprocessing.synthetic", "--out", str(tmp_path / "cli"), "--videos", "2",
+        [sys.executable, "-m", "synthkitchens", "--out", str(tmp_path / "cli"), "--videos", "2",
          "--actions-per-video", "2", "--workers", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
     assert "validation ADE" in result.stdout
@@ -375,13 +377,14 @@ def test_language_matters(tmp_path):
     the question alone (no frames) must already beat constant velocity clearly, and the wrong
     question must cost several times the right one."""
     synth.generate(tmp_path, videos=8, seed=0, write_videos=False)
-    report = synth.language_gap_report(tmp_path)
+    report = language_gap_report(tmp_path)
     print(f"\nSynthKitchens design check on {report['actions']} validation actions "
           f"({report['hand_tracks']} active hands): ADE (a) constant velocity {report['ade_constant_velocity']:.4f}, "
           f"(b) text-free oracle {report['ade_text_free_oracle']:.4f} ({report['text_free_over_cv']:.2f} x a), "
           f"(c) text oracle {report['ade_text_oracle']:.4f} ({report['text_over_cv']:.2f} x a), "
           f"(d) question only {report['ade_question_only']:.4f} ({report['question_only_over_cv']:.2f} x a), "
-          f"(e) shuffled question {report['ade_shuffled_question']:.4f} ({report['shuffled_over_question_only']:.2f} x d)")
+          f"(e) shuffled question {report['ade_shuffled_question']:.4f} "
+          f"({report['shuffled_over_question_only']:.2f} x d)")
     assert report["actions"] == 24
     assert report["ade_text_oracle"] <= 0.35 * report["ade_constant_velocity"]
     assert report["ade_text_free_oracle"] >= 0.85 * report["ade_constant_velocity"]
@@ -394,7 +397,7 @@ def test_objects_lie_near_their_layout_spots(meta):
     for video in meta["videos"]:
         for obj in video["objects"]:
             spot = np.asarray(scene_lib.KITCHEN_LAYOUT_PX[obj["name"]])
-            centre = np.asarray(obj["centre"]) * (scene_lib.FRAME_W, scene_lib.FRAME_H)
+            centre = np.asarray(obj["centre"]) * (EPIC_FRAME_WIDTH, EPIC_FRAME_HEIGHT)
             assert np.abs(centre - spot).max() <= scene_lib.LAYOUT_JITTER_PX + 0.02, (obj, spot)
 
 

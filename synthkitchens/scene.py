@@ -1,52 +1,62 @@
-"""SynthKitchens scene model: object vocabulary, table layouts, hand motion and frame rendering.
+"""SynthKitchens scene model: the objects, the counter layout, the actions and both hands' motion.
 
-A SynthKitchens video is a static top-down camera over a kitchen counter with 5-6 distinct,
-nameable objects and two hands. Everything in this module is a pure function of a per-video
-``numpy.random.Generator`` (scene sampling) or of a sampled scene plus a time in seconds
-(rendering), so the MP4 frames (t = i / fps) and the 60-fps ``rgb_frames`` (t = (n - 1) / 60)
-show one and the same continuous motion.
+A video is a static top-down camera over a counter with 5-6 distinct, nameable objects and two
+hands; a scene is a pure function of ``(seed, video_index)`` (``sample_scene``) and its hands
+move continuously in time, so the MP4, the 60-fps rgb_frames and the labels show one motion.
 
-Design (why language matters): the target of every action is drawn uniformly among the objects
-in view, and during the observation window the hands only wander (random waypoints, unrelated to
-the target). Only during the last second before contact does the active hand reach for the
-target. A predictor that is told which object is meant (the narration or an RBHP question that
-implies it) can therefore aim at it; one that only sees the frames cannot know which object.
-Objects lie near fixed per-class spots (``KITCHEN_LAYOUT_PX``), so the object a question means
-also says roughly where that is; the frames tell where the hand starts and the exact spot.
+Why language matters: each action's target is drawn uniformly among the objects in view, and the
+hands only wander during the observation window; only in the last second before contact does the
+active hand reach for the target. Told which object is meant (the narration, or an RBHP question
+that implies it), a predictor can aim at it; from the frames alone it cannot know which. Objects
+lie near fixed per-class spots (``KITCHEN_LAYOUT_PX``), so the question also says roughly where
+the hand goes; the frames tell where it starts and the exact spot.
 
-Coordinates are pixels of the 456x256 frame (x right, y down) unless a name ends in ``_norm``.
-Times are seconds from the start of the video.
+Pixels of the 456x256 frame (x right, y down) unless a name ends in ``_norm``; times in seconds.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
-from preprocessing.window import ANTICIPATION_SECONDS, REFERENCE_FPS
+from handsonvlm.constants import ANTICIPATION_SECONDS, EPIC_FRAME_HEIGHT, EPIC_FRAME_WIDTH, HOI_FORECAST_SIDES
+from preprocessing.window import REFERENCE_FPS
+
+# ----------------------------------------------------------------------------------------------
+# Tuned constants: what depends on them
+# ----------------------------------------------------------------------------------------------
+# The layout spots and jitter (KITCHEN_LAYOUT_PX, LAYOUT_JITTER_PX, after the vocabulary), the
+# hands' wander and home spots, the bimanual and question probabilities and the action and reach
+# timing below were tuned together. Changing any of them changes the data of every seed, and
+# with it the numbers these check:
+#   * tests/test_synthkitchens.py: test_language_matters (seed 0, 8 videos, 24 validation
+#     actions: text oracle <= 0.35x, text-free oracle >= 0.85x and question only <= 0.6x the
+#     constant-velocity ADE, shuffled question >= 2x question only),
+#     test_observation_window_does_not_reveal_the_target (|observation approach| < 3 px,
+#     anticipation approach > 30 px), test_question_rates_and_unique_purposes (80-97 % of the
+#     clips have questions), test_objects_lie_near_their_layout_spots (LAYOUT_JITTER_PX),
+#     test_objects_inside_the_centre_crop (5-6 objects inside ACTIVE_REGION_PX);
+#   * tests/test_demo_learns.py: `make demo` (seed 0, 48 videos) must train the tiny model to at
+#     most 0.8x the constant-velocity ADE, with shuffled questions at least 1.2x worse;
+#   * tests/test_evaluate.py, through tests/conftest.py's synth_data (seed 0, 3 videos x 4
+#     actions: 2 train shards + 1 validation shard, with RBHP questions on some clips);
+#   * the numbers quoted in docs/DATA.md (the language_gap_report table: seed 0, 8 / 24 / 48
+#     videos) and in README.md (the demo's metrics table).
 
 # ----------------------------------------------------------------------------------------------
 # Frame geometry
 # ----------------------------------------------------------------------------------------------
-FRAME_W = 456  # EPIC rgb_frames width (px)
-FRAME_H = 256  # EPIC rgb_frames height (px)
 # Everything that matters lies inside this box (normalised x0, y0, x1, y1). The model centre-crops
 # the middle 256x256 (x in [0.219, 0.781]), so the box is comfortably inside the crop.
 ACTIVE_REGION_NORM = (0.27, 0.15, 0.73, 0.75)
 ACTIVE_REGION_PX = (
-    ACTIVE_REGION_NORM[0] * FRAME_W,
-    ACTIVE_REGION_NORM[1] * FRAME_H,
-    ACTIVE_REGION_NORM[2] * FRAME_W,
-    ACTIVE_REGION_NORM[3] * FRAME_H,
+    ACTIVE_REGION_NORM[0] * EPIC_FRAME_WIDTH,
+    ACTIVE_REGION_NORM[1] * EPIC_FRAME_HEIGHT,
+    ACTIVE_REGION_NORM[2] * EPIC_FRAME_WIDTH,
+    ACTIVE_REGION_NORM[3] * EPIC_FRAME_HEIGHT,
 )
-DRAW_SHIFT = 4  # cv2 fixed-point bits: sub-pixel (1/16 px) drawing keeps motion smooth
-DRAW_SCALE = 1 << DRAW_SHIFT
-
-SIDES = ("RIGHT", "LEFT")  # hoi-forecast side names; RIGHT is row 0 everywhere downstream
 
 # ----------------------------------------------------------------------------------------------
 # Timing of actions (seconds)
@@ -76,6 +86,7 @@ HAND_WANDER_X_NORM = {"RIGHT": (0.36, 0.73), "LEFT": (0.27, 0.64)}
 HAND_HOME_NORM = {"RIGHT": (0.56, 0.47), "LEFT": (0.44, 0.47)}
 WANDER_REVERSION = 0.3
 BIMANUAL_PROB = 0.15  # both hands reach the object's left/right edges
+QUESTION_PROBS = (0.1, 0.3)  # P(no RBHP question), P(one question); otherwise three questions
 GRASP_DEPTH = 0.35  # unimanual grasp point: this fraction of the half-size from the centre
 BIMANUAL_EDGE_DEPTH = 0.8  # bimanual grasp points: this fraction of the half-width
 GRASP_JITTER_PX = 2.0
@@ -84,7 +95,7 @@ CONTACT_POINTS = (1, 5)  # number of affordance contact points (inclusive range)
 CONTACT_POINT_SPREAD_PX = 4.0
 
 # ----------------------------------------------------------------------------------------------
-# Appearance
+# Appearance drawn per video (the drawing itself is synthkitchens.render)
 # ----------------------------------------------------------------------------------------------
 COUNTER_COLOURS_BGR = (  # muted counter tops that contrast with white plates and black pans
     (118, 112, 104),
@@ -95,19 +106,10 @@ COUNTER_COLOURS_BGR = (  # muted counter tops that contrast with white plates an
     (92, 98, 104),
 )
 COUNTER_JITTER = 8  # per-channel colour jitter of the counter
-TEXTURE_AMPLITUDE = 6.0  # std of the (blurred) counter texture noise, grey levels
-TEXTURE_BLUR_SIGMA = 1.5
-BACKSPLASH_HEIGHT_NORM = 0.09  # tiled wall strip at the top of the frame
-BACKSPLASH_TILE_PX = 24
 SKIN_BGR = (128, 164, 214)
 SKIN_JITTER = 12
 SLEEVE_COLOURS_BGR = ((90, 45, 25), (40, 30, 120), (40, 90, 35), (55, 55, 55), (120, 90, 60))
 HAND_AXES_PX = (13.0, 17.0)  # palm ellipse half-width, half-length (length along the forearm)
-THUMB_AXES_PX = (4.0, 7.0)
-THUMB_TILT_DEG = 25.0
-FOREARM_WIDTH_PX = 16
-SLEEVE_WIDTH_PX = 22
-SLEEVE_FRACTION = 0.45  # the sleeve covers this fraction of the arm from the frame edge
 # Elbow anchors below the frame: the right arm enters bottom-right, the left arm bottom-left.
 ARM_ANCHOR_NORM = {"RIGHT": (0.80, 1.25), "LEFT": (0.20, 1.25)}
 
@@ -258,7 +260,7 @@ KITCHEN_LAYOUT_PX = {  # three rows: back (appliances, tall things), middle, fro
     "board:chopping": (222.0, 170.0),
     "sponge": (290.0, 168.0),
 }
-LAYOUT_JITTER_PX = 8.0
+LAYOUT_JITTER_PX = 8.0  # tuned with the spots: see "Tuned constants" at the top
 
 
 # ----------------------------------------------------------------------------------------------
@@ -430,7 +432,7 @@ class VideoScene:
 
     def hand_positions(self, times) -> dict[str, np.ndarray]:
         """side -> float64 [N, 2] hand centres (px) at ``times`` [N] (s)."""
-        return {side: self.tracks[side].positions(times) for side in SIDES}
+        return {side: self.tracks[side].positions(times) for side in HOI_FORECAST_SIDES}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,7 +469,7 @@ def sample_objects(rng: np.random.Generator) -> list[PlacedObject]:
 def _wander_bounds(side: str) -> tuple[float, float, float, float]:
     """The box (x0, y0, x1, y1 px) that one hand's wander waypoints stay in."""
     lo, hi = HAND_WANDER_X_NORM[side]
-    return lo * FRAME_W, ACTIVE_REGION_PX[1], hi * FRAME_W, ACTIVE_REGION_PX[3]
+    return lo * EPIC_FRAME_WIDTH, ACTIVE_REGION_PX[1], hi * EPIC_FRAME_WIDTH, ACTIVE_REGION_PX[3]
 
 
 def _reflect(value: float, lo: float, hi: float) -> float:
@@ -485,7 +487,7 @@ def _next_waypoint(rng: np.random.Generator, side: str, pos: np.ndarray) -> np.n
         return pos.copy()
     angle = rng.uniform(0.0, 2.0 * math.pi)
     step = _uniform(rng, WANDER_STEP_PX)
-    home = np.asarray(HAND_HOME_NORM[side]) * (FRAME_W, FRAME_H)
+    home = np.asarray(HAND_HOME_NORM[side]) * (EPIC_FRAME_WIDTH, EPIC_FRAME_HEIGHT)
     goal = pos + WANDER_REVERSION * (home - pos) + step * np.array([math.cos(angle), math.sin(angle)])
     x0, y0, x1, y1 = _wander_bounds(side)
     return np.array([_reflect(goal[0], x0, x1), _reflect(goal[1], y0, y1)])
@@ -512,7 +514,7 @@ def _start_track(rng: np.random.Generator, side: str) -> Track:
 def palm_geometry(side: str, centre) -> tuple[float, tuple[float, float]]:
     """Palm ellipse orientation (degrees, cv2 convention) and axis-aligned half extents (px)."""
     ax, ay = ARM_ANCHOR_NORM[side]
-    dx, dy = centre[0] - ax * FRAME_W, centre[1] - ay * FRAME_H
+    dx, dy = centre[0] - ax * EPIC_FRAME_WIDTH, centre[1] - ay * EPIC_FRAME_HEIGHT
     theta = math.atan2(dy, dx) - math.pi / 2.0  # the ellipse's second (long) axis follows the arm
     a, b = HAND_AXES_PX
     half_w = math.hypot(a * math.cos(theta), b * math.sin(theta))
@@ -610,12 +612,12 @@ def _question_purposes(rng: np.random.Generator, kind: ObjectKind, probs) -> lis
 def _active_sides(bimanual: bool, obj: PlacedObject, starts: dict[str, np.ndarray]) -> tuple[str, ...]:
     """Both hands for a bimanual action, else the hand nearer to the object at reach start."""
     if bimanual:
-        return SIDES
-    return (min(SIDES, key=lambda s: float(np.linalg.norm(starts[s] - np.asarray(obj.centre)))),)
+        return HOI_FORECAST_SIDES
+    return (min(HOI_FORECAST_SIDES, key=lambda s: float(np.linalg.norm(starts[s] - np.asarray(obj.centre)))),)
 
 
 def sample_scene(seed: int, video_index: int, video_id: str, participant_id: str,
-                 actions_per_video: int, fps: float, question_probs=(0.1, 0.3)) -> VideoScene:
+                 actions_per_video: int, fps: float, question_probs=QUESTION_PROBS) -> VideoScene:
     """Sample one video: layout, actions, both hands' motion. Deterministic in (seed, video_index).
 
     For every action (in time order) both hands first wander up to the reach start T_c - 1 s; the
@@ -629,7 +631,7 @@ def sample_scene(seed: int, video_index: int, video_id: str, participant_id: str
     sleeve = SLEEVE_COLOURS_BGR[int(rng.integers(len(SLEEVE_COLOURS_BGR)))]
     texture_seed = int(rng.integers(2**31))
     objects = sample_objects(rng)
-    tracks = {side: _start_track(rng, side) for side in SIDES}
+    tracks = {side: _start_track(rng, side) for side in HOI_FORECAST_SIDES}
 
     actions = []
     for index, (start_cs, stop_cs, narration_ms) in enumerate(sample_action_times(rng, actions_per_video)):
@@ -638,9 +640,9 @@ def sample_scene(seed: int, video_index: int, video_id: str, participant_id: str
         t_contact = frame_to_seconds(centiseconds_to_frame(start_cs))
         t_release = frame_to_seconds(centiseconds_to_frame(stop_cs))
         t_reach = t_contact - REACH_S
-        for side in SIDES:
+        for side in HOI_FORECAST_SIDES:
             _wander_until(rng, tracks[side], side, t_reach)
-        starts = {side: tracks[side].state(t_reach)[0] for side in SIDES}
+        starts = {side: tracks[side].state(t_reach)[0] for side in HOI_FORECAST_SIDES}
         obj = objects[target]
         sides = _active_sides(bimanual, obj, starts)
         grasp = _grasp_points(rng, obj, sides, starts)
@@ -658,185 +660,7 @@ def sample_scene(seed: int, video_index: int, video_id: str, participant_id: str
     last_release = actions[-1].release_time if actions else 0.0
     duration = max(last_release, FIRST_ACTION_MIN_S) + _uniform(rng, VIDEO_TAIL_S)
     num_frames = int(math.ceil(duration * fps))
-    for side in SIDES:
+    for side in HOI_FORECAST_SIDES:
         _wander_until(rng, tracks[side], side, num_frames / fps + 1.0)
     return VideoScene(video_index, participant_id, video_id, float(fps), num_frames, counter, skin,
                       sleeve, texture_seed, objects, actions, tracks)
-
-
-# ----------------------------------------------------------------------------------------------
-# Rendering
-# ----------------------------------------------------------------------------------------------
-def _fx(value: float) -> int:
-    """Pixel coordinate -> cv2 fixed point (DRAW_SHIFT fractional bits)."""
-    return int(round(value * DRAW_SCALE))
-
-
-def _pt(x: float, y: float) -> tuple[int, int]:
-    return _fx(x), _fx(y)
-
-
-def _circle(img, centre, radius, colour, thickness=-1) -> None:
-    cv2.circle(img, _pt(*centre), _fx(radius), colour, thickness, cv2.LINE_AA, DRAW_SHIFT)
-
-
-def _rect(img, x0, y0, x1, y1, colour) -> None:
-    pts = np.array([_pt(x0, y0), _pt(x1, y0), _pt(x1, y1), _pt(x0, y1)], dtype=np.int32)
-    cv2.fillPoly(img, [pts], colour, cv2.LINE_AA, DRAW_SHIFT)
-
-
-def _shade(colour, factor: float) -> tuple[int, int, int]:
-    return tuple(int(np.clip(c * factor, 0, 255)) for c in colour)
-
-
-def _draw_cup(img, cx, cy, col) -> None:
-    cv2.circle(img, _pt(cx + 13, cy), _fx(5.5), col, 3, cv2.LINE_AA, DRAW_SHIFT)  # handle
-    _circle(img, (cx - 6, cy), 13, col)
-    _circle(img, (cx - 6, cy), 9, _shade(col, 0.45))  # coffee inside
-
-
-def _draw_plate(img, cx, cy, col) -> None:
-    _circle(img, (cx, cy), 26, col)
-    cv2.circle(img, _pt(cx, cy), _fx(18), _shade(col, 0.82), 1, cv2.LINE_AA, DRAW_SHIFT)
-
-
-def _draw_knife(img, cx, cy, col) -> None:
-    _rect(img, cx - 31, cy - 3, cx + 9, cy + 3, col)
-    _rect(img, cx + 9, cy - 5, cx + 31, cy + 5, (40, 40, 45))
-
-
-def _draw_pan(img, cx, cy, col) -> None:
-    _rect(img, cx + 6, cy - 3, cx + 33, cy + 3, (30, 45, 70))  # handle
-    _circle(img, (cx - 12, cy), 21, col)
-    _circle(img, (cx - 12, cy), 16, _shade(col, 1.7))
-
-
-def _draw_bottle(img, cx, cy, col) -> None:
-    _rect(img, cx - 8, cy - 14, cx + 8, cy + 26, col)
-    _rect(img, cx - 4, cy - 22, cx + 4, cy - 14, _shade(col, 0.75))
-    _rect(img, cx - 5, cy - 26, cx + 5, cy - 21, (230, 230, 230))  # cap
-
-
-def _draw_sponge(img, cx, cy, col) -> None:
-    _rect(img, cx - 16, cy - 11, cx + 16, cy + 11, col)
-    _rect(img, cx - 16, cy - 11, cx + 16, cy - 4, (50, 140, 40))
-
-
-def _draw_bowl(img, cx, cy, col) -> None:
-    _circle(img, (cx, cy), 19, col)
-    _circle(img, (cx, cy), 12, (235, 175, 100))
-
-
-def _draw_kettle(img, cx, cy, col) -> None:
-    spout = np.array([_pt(cx + 5, cy - 5), _pt(cx + 25, cy - 9), _pt(cx + 25, cy - 4), _pt(cx + 5, cy + 5)], np.int32)
-    cv2.fillPoly(img, [spout], _shade(col, 0.8), cv2.LINE_AA, DRAW_SHIFT)
-    _circle(img, (cx - 7, cy), 18, col)
-    _rect(img, cx - 19, cy - 3, cx + 5, cy + 3, (30, 30, 30))  # handle across the lid
-
-
-def _draw_jar(img, cx, cy, col) -> None:
-    _rect(img, cx - 11, cy - 9, cx + 11, cy + 15, col)
-    _rect(img, cx - 12, cy - 15, cx + 12, cy - 8, (40, 170, 210))  # golden lid
-
-
-def _draw_board(img, cx, cy, col) -> None:
-    _rect(img, cx - 29, cy - 18, cx + 29, cy + 18, _shade(col, 0.75))
-    _rect(img, cx - 27, cy - 16, cx + 27, cy + 16, col)
-    _circle(img, (cx + 21, cy - 10), 3, _shade(col, 0.5))
-
-
-def _draw_towel(img, cx, cy, col) -> None:
-    _rect(img, cx - 17, cy - 11, cx + 17, cy + 11, col)
-    for dx in (-8, 2):
-        _rect(img, cx + dx, cy - 11, cx + dx + 4, cy + 11, (245, 245, 245))
-
-
-_DRAWERS = {
-    "cup": _draw_cup, "plate": _draw_plate, "knife": _draw_knife, "pan": _draw_pan,
-    "bottle": _draw_bottle, "sponge": _draw_sponge, "bowl": _draw_bowl, "kettle": _draw_kettle,
-    "jar": _draw_jar, "board:chopping": _draw_board, "towel": _draw_towel,
-}
-
-
-def render_static_layer(scene: VideoScene) -> np.ndarray:
-    """Counter (colour + fixed texture + tiled backsplash) with the objects: uint8 [256, 456, 3] BGR."""
-    rng = np.random.default_rng(scene.texture_seed)
-    noise = rng.normal(0.0, 1.0, size=(FRAME_H, FRAME_W)).astype(np.float32)
-    noise = cv2.GaussianBlur(noise, (0, 0), TEXTURE_BLUR_SIGMA)
-    noise *= TEXTURE_AMPLITUDE / max(float(noise.std()), 1e-6)
-    img = np.asarray(scene.counter_bgr, np.float32)[None, None, :] + noise[:, :, None]
-    splash_h = int(round(BACKSPLASH_HEIGHT_NORM * FRAME_H))
-    tile = _shade(scene.counter_bgr, 1.35)
-    img[:splash_h] = tile
-    img[:splash_h, ::BACKSPLASH_TILE_PX] = _shade(tile, 0.8)
-    img[splash_h - 1:splash_h + 1] = _shade(scene.counter_bgr, 0.6)
-    img = np.clip(np.round(img), 0, 255).astype(np.uint8)
-    for obj in scene.objects:
-        _DRAWERS[obj.noun](img, obj.centre[0], obj.centre[1], VOCABULARY[obj.noun].colour_bgr)
-    return img
-
-
-def _draw_arm(img, scene: VideoScene, side: str, centre) -> None:
-    """Forearm (skin, sleeve near the frame edge) from the side's anchor below the frame, then
-    the palm ellipse centred on the hand centre and a thumb on the inner side."""
-    ax, ay = ARM_ANCHOR_NORM[side]
-    anchor = np.array([ax * FRAME_W, ay * FRAME_H])
-    centre = np.asarray(centre, dtype=np.float64)
-    skin_dark = _shade(scene.skin_bgr, 0.88)
-    cv2.line(img, _pt(*anchor), _pt(*centre), skin_dark, FOREARM_WIDTH_PX, cv2.LINE_AA, DRAW_SHIFT)
-    cuff = anchor + SLEEVE_FRACTION * (centre - anchor)
-    cv2.line(img, _pt(*anchor), _pt(*cuff), scene.sleeve_bgr, SLEEVE_WIDTH_PX, cv2.LINE_AA, DRAW_SHIFT)
-    angle, _ = palm_geometry(side, centre)
-    # Thumb on the inner side (toward the body midline), slightly toward the fingertips.
-    direction = (centre - anchor) / max(float(np.linalg.norm(centre - anchor)), 1e-6)
-    inward = np.array([-direction[1], direction[0]]) * (1.0 if side == "RIGHT" else -1.0)
-    thumb = centre + inward * (HAND_AXES_PX[0] + 1.0) + direction * 3.0
-    thumb_angle = angle + (THUMB_TILT_DEG if side == "RIGHT" else -THUMB_TILT_DEG)
-    cv2.ellipse(img, _pt(*thumb), (_fx(THUMB_AXES_PX[0]), _fx(THUMB_AXES_PX[1])), thumb_angle, 0, 360,
-                skin_dark, -1, cv2.LINE_AA, DRAW_SHIFT)
-    cv2.ellipse(img, _pt(*centre), (_fx(HAND_AXES_PX[0]), _fx(HAND_AXES_PX[1])), angle, 0, 360,
-                scene.skin_bgr, -1, cv2.LINE_AA, DRAW_SHIFT)
-
-
-def render_frames(scene: VideoScene, static: np.ndarray, times):
-    """Yield one uint8 [256, 456, 3] BGR frame per time in ``times`` (s)."""
-    times = np.asarray(times, dtype=np.float64)
-    hands = scene.hand_positions(times)
-    for i in range(len(times)):
-        img = static.copy()
-        for side in ("LEFT", "RIGHT"):
-            _draw_arm(img, scene, side, hands[side][i])
-        yield img
-
-
-def init_render_worker() -> None:
-    """Pool initializer: one OpenCV thread per process (parallelism comes from the processes)."""
-    cv2.setNumThreads(1)
-
-
-def write_video_files(scene: VideoScene, mp4_path, rgb_dir=None, jpeg_quality: int = 90) -> None:
-    """Encode the MP4 (mp4v, native fps, t = i / fps) and, if ``rgb_dir`` is given, every 60-fps
-    rgb frame as ``frame_%010d.jpg`` (file n shows t = (n - 1) / 60), like ``ffmpeg -r 60``."""
-
-    static = render_static_layer(scene)
-    mp4_path = Path(mp4_path)
-    mp4_path.parent.mkdir(parents=True, exist_ok=True)
-    writer = cv2.VideoWriter(str(mp4_path), cv2.VideoWriter_fourcc(*"mp4v"), scene.fps, (FRAME_W, FRAME_H))
-    if not writer.isOpened():
-        raise RuntimeError(f"OpenCV cannot open an mp4v writer for {mp4_path}")
-    try:
-        for img in render_frames(scene, static, np.arange(scene.num_frames) / scene.fps):
-            writer.write(img)
-    finally:
-        writer.release()
-    if rgb_dir is None:
-        return
-    rgb_dir = Path(rgb_dir)
-    rgb_dir.mkdir(parents=True, exist_ok=True)
-    params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)]
-    times = np.arange(scene.num_rgb_frames) / REFERENCE_FPS
-    for number, img in enumerate(render_frames(scene, static, times), start=1):
-        ok, buf = cv2.imencode(".jpg", img, params)
-        if not ok:
-            raise RuntimeError(f"JPEG encoding failed for frame {number} of {scene.video_id}")
-        (rgb_dir / f"frame_{number:010d}.jpg").write_bytes(buf.tobytes())

@@ -1,0 +1,285 @@
+"""The Ray Train worker: DeepSpeed ZeRO fine-tuning of HandsOnVLM from the sample shards.
+
+:class:`TrainRecipe` runs it as named steps over its state. Each rank reads its own shards with
+Ray Data, in an order re-drawn per epoch from the seed; the model, optimizer, schedule and mixture
+come from :func:`handsonvlm.training.build_training` (shared with the benchmark's plain loop).
+Every ``checkpoint_every`` steps all ranks save a DeepSpeed checkpoint plus their RNG state; a
+re-run with the same run name (or Ray Train restarting failed workers) resumes exactly there
+(step, optimizer, schedule, position in the epoch, RNG) and adds one to ``train/restarts``. Rank 0
+logs to MLflow; at the end the model is exported with ``HandsOnVLM.save_pretrained``.
+
+Test-only fault hook (:class:`KillOnceAfterStep`): with ``HANDSONVLM_FAULT_KILL_AT_STEP=N`` and
+``HANDSONVLM_FAULT_MARKER=FILE`` set, the last rank SIGKILLs itself right after step N, once: it
+creates FILE first, and a restarted worker that finds FILE goes on. tests/test_reliability.py uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from handsonvlm.config import CONFIG_DIR, ModelConfig, TrainConfig
+from handsonvlm.training import LOSS_PARTS, build_training, fixed_batch_loss, resolve_attn_implementation, rows_to_batch
+from pipelines.tracking import RESTARTS_METRIC, WorkerLogger
+from preprocessing.training_data import FeatureLookup, iter_rows, shard_rows
+
+RANK_STATE = "rank_{rank}_state.pt"
+CKPT_TAG = "ckpt"
+FAULT_STEP_ENV = "HANDSONVLM_FAULT_KILL_AT_STEP"
+FAULT_MARKER_ENV = "HANDSONVLM_FAULT_MARKER"
+
+
+def deepspeed_config(zero_stage: int, micro_batch: int, accumulation: int, world_size: int, bf16: bool,
+                     max_grad_norm: float) -> dict:
+    """configs/deepspeed/zero{2,3}.json with the run's batch sizes and precision filled in."""
+    ds = json.loads((CONFIG_DIR / "deepspeed" / f"zero{zero_stage}.json").read_text())
+    ds.update({"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accumulation,
+               "train_batch_size": micro_batch * accumulation * world_size, "gradient_clipping": max_grad_norm,
+               "bf16": {"enabled": bf16}, "fp16": {"enabled": False}})
+    return ds
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved with every checkpoint (as a dict, in the rank state file)."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0  # micro-batches of this epoch already trained on
+    samples: int = 0  # over all ranks
+
+
+def save_checkpoint(engine, directory: str, rank: int, progress: Progress, generator: torch.Generator) -> None:
+    engine.save_checkpoint(directory, tag=CKPT_TAG, client_state={"progress": asdict(progress)})
+    torch.save({"progress": asdict(progress), "torch_rng": torch.get_rng_state(), "generator": generator.get_state()},
+               os.path.join(directory, RANK_STATE.format(rank=rank)))
+
+
+def load_checkpoint(engine, directory: str, rank: int, generator: torch.Generator) -> Progress:
+    engine.load_checkpoint(directory, tag=CKPT_TAG)
+    saved = torch.load(os.path.join(directory, RANK_STATE.format(rank=rank)), weights_only=True)
+    torch.set_rng_state(saved["torch_rng"])
+    generator.set_state(saved["generator"])
+    return Progress(**saved["progress"])
+
+
+StepHook = Callable[["TrainRecipe", int], None]  # called after each optimizer step with the step number
+
+
+class KillOnceAfterStep:
+    """The test-only fault hook of the module docstring: the last rank dies by SIGKILL after step N, once."""
+
+    def __init__(self, step: int, marker: str):
+        self.step, self.marker = step, marker
+
+    @classmethod
+    def from_env(cls) -> KillOnceAfterStep | None:
+        kill_at = os.environ.get(FAULT_STEP_ENV)
+        if not kill_at:
+            return None
+        marker = os.environ.get(FAULT_MARKER_ENV)
+        if not marker:
+            raise RuntimeError(f"{FAULT_STEP_ENV} needs {FAULT_MARKER_ENV}: without it every restart would die again")
+        return cls(int(kill_at), marker)
+
+    def __call__(self, recipe: TrainRecipe, step: int) -> None:
+        if recipe.rank != recipe.world - 1 or step != self.step:
+            return
+        try:
+            with open(self.marker, "x") as f:  # exclusive create: only the first worker to get here fires
+                f.write(f"rank {recipe.rank} pid {os.getpid()} killed after step {step}\n")
+        except FileExistsError:
+            return
+        print(f"[train] fault hook: rank {recipe.rank} (pid {os.getpid()}) kills itself after step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class TrainRecipe:
+    """One worker's training run: ``setup()``, ``restore()``, ``train()`` (``train_step()`` per
+    micro-batch; ``log()``, ``checkpoint()`` and the step hooks at optimizer steps), ``export()``."""
+
+    def __init__(self, config: dict):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.config = config
+        self.rank, self.world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+        self.train_cfg = TrainConfig.from_dict(config["train"])
+        self.model_cfg = ModelConfig.from_dict(config["model"])
+        self.plan: dict = config["plan"]
+        self.use_cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{local_rank}" if self.use_cuda else "cpu")
+        self.steps_per_epoch: int = self.plan["steps_per_epoch"]
+        # The schedule spans the planned run (epochs x steps/epoch); max_steps only stops early, so a run
+        # stopped at step 3 and resumed to step 6 matches one that ran 6 steps in one go.
+        self.planned_steps = self.steps_per_epoch * self.train_cfg.epochs
+        self.total_steps = min(self.train_cfg.max_steps or self.planned_steps, self.planned_steps)
+        self.micro_per_step = self.train_cfg.gradient_accumulation_steps
+        self.progress = Progress()
+        self.resumed = False
+        self.last_metrics: dict[str, float] = {}
+        self.step_hooks: list[StepHook] = []
+
+    def setup(self) -> None:
+        """Model, optimizer and schedule wrapped by DeepSpeed; mixture, CVAE noise, fixed batch, logger, hooks."""
+        import deepspeed
+
+        train = self.train_cfg
+        bf16 = train.precision == "bf16" or (train.precision == "auto" and self.use_cuda
+                                             and torch.cuda.is_bf16_supported())
+        resolve_attn_implementation(self.model_cfg, self.use_cuda)
+        self.parts = build_training(train, self.model_cfg, self.planned_steps)
+        self.model = self.parts.model
+        ds_config = deepspeed_config(train.zero_stage, train.micro_batch_size, train.gradient_accumulation_steps,
+                                     self.world, bf16, train.max_grad_norm)
+        # DeepSpeed wraps the client optimizer and steps the client schedule inside engine.step()
+        self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=self.parts.optimizer,
+                                                    lr_scheduler=self.parts.scheduler, config=ds_config)
+        self.generator = torch.Generator(device=self.device).manual_seed(train.seed * 1000 + self.rank)
+        self.features = FeatureLookup(**self.plan["features"]) if self.plan.get("features") else None
+        fixed_rows = shard_rows(self.plan["fixed_batch_file"], limit=train.micro_batch_size)
+        self.fixed_batch, _ = self.batch(fixed_rows, 0)
+        if self.rank == 0:
+            source = "feature cache " + self.plan["features"]["key"] if self.features else "frames (online CLIP)"
+            print(f"[train] vision input: {source}", flush=True)
+        self.logger = WorkerLogger(self.config.get("mlflow"), self.rank)
+        fault = KillOnceAfterStep.from_env()
+        if fault is not None:
+            self.step_hooks.append(fault)
+
+    def batch(self, rows: list[dict], epoch: int) -> tuple[dict, list[str]]:
+        return rows_to_batch(rows, self.model, self.parts.mixture, epoch, self.device, self.features)
+
+    def fixed_batch_loss(self) -> float:
+        return fixed_batch_loss(self.engine.module, self.fixed_batch, forward=self.engine)
+
+    def restore(self) -> None:
+        """Resume from Ray Train's checkpoint if there is one, and record where the run starts."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            self.logger.log({"eval/fixed_batch_loss": self.fixed_batch_loss()}, 0)
+            return
+        self.resumed = True
+        with checkpoint.as_directory() as directory:
+            self.progress = load_checkpoint(self.engine, directory, self.rank, self.generator)
+        p = self.progress
+        restored_loss = self.fixed_batch_loss()
+        if self.rank == 0:
+            print(f"[train] resumed at step {p.step} (epoch {p.epoch}, micro-batch {p.micro_in_epoch}); "
+                  f"fixed-batch loss {restored_loss:.6f}", flush=True)
+        restarts = self.logger.restarts_so_far() + 1
+        self.logger.log({"restore/fixed_batch_loss": restored_loss, RESTARTS_METRIC: restarts}, p.step)
+
+    def train(self) -> None:
+        """Epochs until ``total_steps`` optimizer steps are done (from wherever restore() left off)."""
+        self.start_time, self.start_step = time.perf_counter(), self.progress.step
+        self.window_samples, self.window_start = 0, time.perf_counter()
+        self.engine.train()
+        while self.progress.step < self.total_steps:
+            self.train_epoch()
+            if self.progress.step < self.total_steps:
+                self.progress.epoch += 1
+                self.progress.micro_in_epoch = 0
+
+    def train_epoch(self) -> None:
+        p, train = self.progress, self.train_cfg
+        epoch, skip = p.epoch, p.micro_in_epoch
+        for i, rows in enumerate(iter_rows(self.plan["files"][self.rank], train.micro_batch_size, train.seed,
+                                           epoch, self.rank)):
+            if i < skip:
+                continue  # already trained on before the restore
+            if i >= self.steps_per_epoch * self.micro_per_step or p.step >= self.total_steps:
+                break
+            out = self.train_step(rows, epoch)
+            p.micro_in_epoch = i + 1
+            if (i + 1) % self.micro_per_step:
+                continue  # accumulating gradients
+            p.step += 1
+            if p.step % train.log_every == 0 or p.step == self.total_steps:
+                self.log(out, epoch)
+            if p.step % train.checkpoint_every == 0 or p.step == self.total_steps:
+                self.checkpoint()
+            for hook in self.step_hooks:
+                hook(self, p.step)
+
+    def train_step(self, rows: list[dict], epoch: int) -> dict[str, torch.Tensor]:
+        """One micro-batch: forward, backward, and DeepSpeed's step (an optimizer step at the end of
+        each accumulation window). Returns the forward's outputs."""
+        batch, _ = self.batch(rows, epoch)
+        out = self.engine(**batch, generator=self.generator)
+        self.engine.backward(out["loss"])
+        self.engine.step()
+        self.progress.samples += len(rows) * self.world
+        self.window_samples += len(rows) * self.world
+        return out
+
+    def log(self, out: dict[str, torch.Tensor], epoch: int) -> None:
+        """The step's losses averaged over ranks, LR and throughput since the last log, to MLflow and stdout."""
+        import torch.distributed as dist
+
+        parts = torch.stack([out[k].detach().float() for k in LOSS_PARTS]).to(self.device)
+        dist.all_reduce(parts)
+        parts = (parts / self.world).tolist()
+        now = time.perf_counter()
+        rate = self.window_samples / max(now - self.window_start, 1e-9)
+        self.window_samples, self.window_start = 0, now
+        step = self.progress.step
+        self.last_metrics = {**{f"train/{k}": v for k, v in zip(LOSS_PARTS, parts)},
+                             "train/lr": self.parts.scheduler.get_last_lr()[0], "train/samples_per_s": rate,
+                             "train/epoch": epoch}
+        self.logger.log(self.last_metrics, step)
+        if self.rank == 0:
+            eta = (self.total_steps - step) * (now - self.start_time) / max(1, step - self.start_step)
+            print(f"[train] step {step}/{self.total_steps} | epoch {epoch} | loss {parts[0]:.4f} "
+                  f"(text {parts[1]:.4f}, traj {parts[2]:.4f}, kl {parts[3]:.2f}) | "
+                  f"{rate:.1f} samples/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
+
+    def checkpoint(self) -> None:
+        """Fixed-batch loss, then every rank saves its checkpoint and reports it with the last metrics."""
+        import ray.train
+        import torch.distributed as dist
+
+        loss = self.fixed_batch_loss()
+        p = self.progress
+        self.logger.log({"eval/fixed_batch_loss": loss}, p.step)
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(self.engine, directory, self.rank, p, self.generator)
+            dist.barrier()
+            report = {**{k.replace("/", "_"): v for k, v in self.last_metrics.items()}, "step": p.step,
+                      "epoch": p.epoch, "fixed_batch_loss": loss}
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+    def export(self) -> None:
+        """Gather the (possibly ZeRO-3-partitioned) weights and save the plain model from rank 0."""
+        import deepspeed
+        import torch.distributed as dist
+
+        export_path = self.config["export_path"]
+        with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
+            if self.rank == 0:
+                self.model.save_pretrained(export_path)
+                print(f"[train] exported {export_path}", flush=True)
+        dist.barrier()
+
+    def run(self) -> None:
+        self.setup()
+        self.restore()
+        self.train()
+        if self.resumed and self.progress.step == self.total_steps and not self.last_metrics:
+            self.checkpoint()  # resumed after the end: report the restored state so the run has a final result
+        self.export()
+        self.logger.close()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train's entry point on every worker (``config``: model, train, plan, export_path, mlflow)."""
+    TrainRecipe(config).run()
