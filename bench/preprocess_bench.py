@@ -25,8 +25,9 @@ import pyarrow.parquet as pq
 
 from bench.common import Sizes, compare, median
 from preprocessing.index import IndexConfig
+from preprocessing.layout import index_path
 from preprocessing.samples import MediaConfig, process_shard, shard_fingerprint, table_to_ipc
-from preprocessing.stages import index_path, plan_shards, run_index_stage, run_samples_stage
+from preprocessing.stages import plan_shards, run_index_stage, run_samples_stage
 from synthkitchens.generate import METADATA_FILE, generate
 
 SPLITS = ("train", "validation")

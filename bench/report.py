@@ -81,8 +81,11 @@ def scaling_section(results: dict) -> list[str]:
         "| --- | --- | --- | --- | --- |",
     ]
     for preset in ("vicuna-7b", "vicuna-13b"):
-        for variant, label in (("release", "release (CLIP on 100 tiled frames)"), ("efficient", "efficient (10 frames)"),
-                               ("efficient_cached", "efficient + feature cache (incl. building it)")):
+        for variant, label in (
+            ("release", "release (CLIP on 100 tiled frames)"),
+            ("efficient", "efficient (10 frames)"),
+            ("efficient_cached", "efficient + feature cache (incl. building it)"),
+        ):
             r = s[preset][variant]
             lines.append(f"| {preset} | {label} | {r['flops_per_sample'] / 1e12:.1f} | {r['gpu_hours']:.0f} | "
                          f"{r['gpu_hours'] / 8:.1f} h |")
@@ -116,7 +119,8 @@ def observations(results: dict) -> list[str]:
         f"* **Training overhead grows as the step shrinks.** With CLIP online a plain step takes "
         f"{t['plain_online']['step_s_median'] * 1000:.0f} ms and Ray Train + ZeRO-2 keeps "
         f"{t['train_overhead_ratio']:.0%} of the plain loop's rate; with the feature cache the plain step drops to "
-        f"{t['plain_cached']['step_s_median'] * 1000:.0f} ms and Ray keeps only {t['train_overhead_ratio_cached']:.0%}. "
+        f"{t['plain_cached']['step_s_median'] * 1000:.0f} ms and Ray keeps only "
+        f"{t['train_overhead_ratio_cached']:.0%}. "
         "(A ratio above 100% is plausible here: two single-threaded processes on half batches use 2 CPUs "
         "better than one process splitting such small matrices over 2 intra-op threads.) "
         "The Ray job pays a roughly fixed cost per step (gloo gradient reduction between 2 processes, the DeepSpeed "
@@ -133,7 +137,8 @@ def observations(results: dict) -> list[str]:
 def render(results: dict, method: str) -> str:
     lines = ["# Benchmark results", "", *machine_section(results), "", "## Ratios", "", *ratio_table(results), "",
              "## Rates behind the ratios (medians)", "", *detail_table(results), "", "## Scaling on paper", "",
-             *scaling_section(results), "", "## Targets not met", "", *shortfalls(results), "", "## Observations", "", *observations(results), "",
+             *scaling_section(results), "", "## Targets not met", "", *shortfalls(results), "",
+             "## Observations", "", *observations(results), "",
              "## Method", "",
              method.strip(), ""]
     return "\n".join(lines)

@@ -69,10 +69,14 @@ METHOD = """
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smaller repetitions and a 2-layer ViT-L/14 (~5 min)")
-    size.add_argument("--tiny-test", action="store_true", help="smallest inputs, for the test suite (speeds meaningless)")
+    size.add_argument(
+        "--tiny-test", action="store_true", help="smallest inputs, for the test suite (speeds meaningless)"
+    )
     p.add_argument("--out", default="bench/results.json", help="results JSON")
     p.add_argument("--markdown", default="bench/RESULTS.md", help="Markdown report ('' to skip)")
     p.add_argument("--workdir", default="runs/bench", help="scratch: synthetic data, shards, Ray results (kept)")

@@ -1,7 +1,7 @@
 """Scaling on paper: training FLOPs per sample from the model configs, checked against
 ``torch.utils.flop_counter.FlopCounterMode`` on the tiny model, and the GPU-hours the release
-recipe (spec section 4: 40 epochs x 48,296 samples, Vicuna-7B/13B + CLIP ViT-L/14) would take on
-H100s at a stated MFU, with the release's visual path, the efficient one, and the feature cache.
+recipe (docs/MODEL.md, "The released training recipe": 40 epochs x 48,296 samples, Vicuna-7B/13B + CLIP ViT-L/14)
+would take on H100s at a stated MFU, with the release's visual path, the efficient one, and the feature cache.
 
 Counting conventions (those of FlopCounterMode, so the check is like for like):
   * a matmul [m, k] x [k, n] is 2 m k n FLOPs; attention scores and values are 2 s^2 d each per
@@ -156,7 +156,9 @@ def project_recipe(preset: str, text_tokens: float, mfu: float = MFU) -> dict:
     seq = round(text_tokens) - 1 + n_visual
     samples = RECIPE_EPOCHS * RECIPE_SAMPLES_PER_EPOCH
     variants = {
-        "release": training_flops_per_sample(lm, vision, seq, cfg.num_video_frames, cfg.num_video_frames * vision.patches),
+        "release": training_flops_per_sample(
+            lm, vision, seq, cfg.num_video_frames, cfg.num_video_frames * vision.patches
+        ),
         "efficient": training_flops_per_sample(lm, vision, seq, cfg.num_obs_frames, n_visual),
         "efficient_cached": {**training_flops_per_sample(lm, vision, seq, 0, n_visual)},
     }

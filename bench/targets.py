@@ -13,7 +13,9 @@ class Target:
 
 
 TARGETS = {
-    "preprocess_ratio": Target(0.7, "clips/s of the Ray Data samples stage / a bare Pool running the same process_shard"),
+    "preprocess_ratio": Target(
+        0.7, "clips/s of the Ray Data samples stage / a bare Pool running the same process_shard"
+    ),
     "vision_speedup": Target(5.0, "release tiled-100 encode / efficient 10-frame encode, ViT-L/14-sized tower"),
     "vision_max_abs_diff": Target(None, "max |release - efficient| over all visual tokens (fp32)"),
     "generate_speedup": Target(10.0, "clips/s batched KV-cached / batch-1 uncached, greedy, tiny preset"),
@@ -32,9 +34,10 @@ def _preprocess(results: dict) -> str:
     ray, bare = p["ray"], p["bare"]
     return (
         f"Both sides spend about the same CPU time inside `process_shard` ({ray['in_task_s']:.1f} s vs "
-        f"{bare['in_task_s']:.1f} s summed over shards), but the Ray run keeps the {p['processes']} CPUs busy with it "
-        f"{ray['cpu_utilisation']:.0%} of its wall time against {bare['cpu_utilisation']:.0%} for the pool: "
-        f"{p['ray_overhead_s']:.1f} s more per run for {p['shards']} shards. That time is Ray Data's per-run fixed cost "
+        f"{bare['in_task_s']:.1f} s summed over shards), but the Ray run keeps the {p['processes']} CPUs busy "
+        f"with it {ray['cpu_utilisation']:.0%} of its wall time against {bare['cpu_utilisation']:.0%} for the pool: "
+        f"{p['ray_overhead_s']:.1f} s more per run for {p['shards']} shards. "
+        "That time is Ray Data's per-run fixed cost "
         "(building and optimising the plan, starting the streaming executor and its operators, the driver "
         "pulling results through `iter_rows`) plus per-task scheduling through the raylet; on a run this short "
         "it is not amortised. The driver profile of one Ray run below shows it waiting on the executor, not working."
@@ -67,7 +70,8 @@ def _train(results: dict) -> str:
         "all-reduce/reduce-scatter the gradients over gloo (ZeRO-2 partitions the optimizer state), step "
         "DeepSpeed's engine, and pull rows from a Ray Data stream read by tasks that share the same 2 CPUs. "
         "With a model this small each step's compute is a few tens of milliseconds, so these per-step fixed costs "
-        "are a large fraction; the profile of one plain step below shows how little compute there is to hide them behind."
+        "are a large fraction; the profile of one plain step below shows how little compute there is to hide "
+        "them behind."
     )
 
 

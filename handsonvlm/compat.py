@@ -25,29 +25,32 @@ By default we DROP it and load CLIP separately; ``include_vision=True`` maps it 
 
 Mapping rules (first match wins; D = hidden size, V = 32101, Dc = D/2, C = 1024 CLIP width):
 
-| released key                                                   | ours                               | shape             |
-| -------------------------------------------------------------- | ---------------------------------- | ----------------- |
-| model.embed_tokens.weight                                      | lm.model.embed_tokens.weight       | [V, D]            |
-| model.layers.{i}.self_attn.rotary_emb.inv_freq                 | dropped (buffer, if saved)         | [head_dim/2]      |
-| model.layers.{i}.self_attn.{q,k,v,o}_proj.weight               | lm.model.layers.{i}.<same>         | [D, D]            |
-| model.layers.{i}.mlp.{gate,up,down}_proj.weight                | lm.model.layers.{i}.<same>         | [F, D] / [D, F]   |
-| model.layers.{i}.{input,post_attention}_layernorm.weight       | lm.model.layers.{i}.<same>         | [D]               |
-| model.norm.weight                                              | lm.model.norm.weight               | [D]               |
-| lm_head.weight                                                 | lm.lm_head.weight                  | [V, D]            |
-| model.mm_projector.{weight,bias}                               | projector.{weight,bias}            | [D, C], [D]       |
-| model.vision_tower.vision_tower.vision_model.embeddings.position_ids | dropped (buffer, if saved)   | [1, 257]          |
-| model.vision_tower.vision_tower.vision_model.<rest>            | vision.encoder.<rest> if include_vision, else dropped |  |
-| hand_traj_decoder.hand_traj_decoder.cvae.enc_MLP.0.{w,b}       | traj_decoder.enc_in.{w,b}          | [512, 2+Dc]       |
-| hand_traj_decoder.hand_traj_decoder.cvae.linear_means.{w,b}    | traj_decoder.enc_mu.{w,b}          | [256, 512]        |
-| hand_traj_decoder.hand_traj_decoder.cvae.linear_log_var.{w,b}  | traj_decoder.enc_logvar.{w,b}      | [256, 512]        |
-| hand_traj_decoder.hand_traj_decoder.cvae.dec_MLP.0.{w,b}       | traj_decoder.dec_in.{w,b}          | [512, 256+Dc]     |
-| hand_traj_decoder.hand_traj_decoder.cvae.dec_MLP.2.{w,b}       | traj_decoder.dec_out.{w,b}         | [2, 512]          |
-| hand_traj_decoder.hand_traj_decoder.mlp.{0,2,4}.{w,b} (MLP run) | traj_decoder.{fc1,fc2,fc_out}.{w,b} | [512,Dc],[512,512],[2,512] |
-| hand_traj_positional_embedding.{weight,bias}                   | dropped (unused)                   | [Dc, 2], [Dc]     |
-| time_embedding                                                 | dropped (unused)                   | [20, D]           |
-| bbox_to_feature.{0,2}.{weight,bias}                            | dropped (unused)                   | [32,4],[64,32]    |
-| feat_fusion.0.{weight,bias}                                    | dropped (unused)                   | [1024, 1088]      |
-| downproject.{weight,bias}                                      | dropped (unused)                   | [1024, 1024]      |
+Released-key prefixes in the table: H = ``hand_traj_decoder.hand_traj_decoder.``,
+VT = ``model.vision_tower.vision_tower.vision_model.``.
+
+| released key                                             | ours                                | shape           |
+| -------------------------------------------------------- | ----------------------------------- | --------------- |
+| model.embed_tokens.weight                                | lm.model.embed_tokens.weight        | [V, D]          |
+| model.layers.{i}.self_attn.rotary_emb.inv_freq           | dropped (buffer, if saved)          | [head_dim/2]    |
+| model.layers.{i}.self_attn.{q,k,v,o}_proj.weight         | lm.model.layers.{i}.<same>          | [D, D]          |
+| model.layers.{i}.mlp.{gate,up,down}_proj.weight          | lm.model.layers.{i}.<same>          | [F, D] / [D, F] |
+| model.layers.{i}.{input,post_attention}_layernorm.weight | lm.model.layers.{i}.<same>          | [D]             |
+| model.norm.weight                                        | lm.model.norm.weight                | [D]             |
+| lm_head.weight                                           | lm.lm_head.weight                   | [V, D]          |
+| model.mm_projector.{weight,bias}                         | projector.{weight,bias}             | [D, C], [D]     |
+| VT.embeddings.position_ids                               | dropped (buffer, if saved)          | [1, 257]        |
+| VT.<rest>                                                | vision.encoder.<rest> if include_vision, else dropped |  |
+| H.cvae.enc_MLP.0.{w,b}                                   | traj_decoder.enc_in.{w,b}           | [512, 2+Dc]     |
+| H.cvae.linear_means.{w,b}                                | traj_decoder.enc_mu.{w,b}           | [256, 512]      |
+| H.cvae.linear_log_var.{w,b}                              | traj_decoder.enc_logvar.{w,b}       | [256, 512]      |
+| H.cvae.dec_MLP.0.{w,b}                                   | traj_decoder.dec_in.{w,b}           | [512, 256+Dc]   |
+| H.cvae.dec_MLP.2.{w,b}                                   | traj_decoder.dec_out.{w,b}          | [2, 512]        |
+| H.mlp.{0,2,4}.{w,b} (MLP run) | traj_decoder.{fc1,fc2,fc_out}.{w,b} | [512,Dc],[512,512],[2,512] |
+| hand_traj_positional_embedding.{weight,bias}             | dropped (unused)                    | [Dc, 2], [Dc]   |
+| time_embedding                                           | dropped (unused)                    | [20, D]         |
+| bbox_to_feature.{0,2}.{weight,bias}                      | dropped (unused)                    | [32,4],[64,32]  |
+| feat_fusion.0.{weight,bias}                              | dropped (unused)                    | [1024, 1088]    |
+| downproject.{weight,bias}                                | dropped (unused)                    | [1024, 1024]    |
 
 The two buffers are recomputed at construction; whether a checkpoint holds them depends on the
 transformers version that wrote it (persistent vs non-persistent buffers), so both are tolerated.

@@ -57,6 +57,20 @@ class ConfigSection:
         return asdict(self)
 
 
+def _check_scalar_types(cfg) -> None:
+    """Fields typed int/float/str/bool (optionally ``| None``) must hold such a value, so that a
+    ``--set eval.num_samples=abc`` fails with the key's name rather than deep inside a stage."""
+    for f in fields(cfg):
+        kind, value = _flag_type(type(cfg), f.name), getattr(cfg, f.name)
+        if value is None or kind not in (int, float, str, bool):
+            continue
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        ok = ok or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            where = f"{cfg.section or type(cfg).__name__}.{f.name}"
+            raise ValueError(f"{where} must be of type {kind.__name__}, got {value!r}")
+
+
 def _check_choice(section: str, name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{section}.{name} must be one of {choices}, got {value!r}")
@@ -219,10 +233,11 @@ class SamplingConfig(ConfigSection):
     num_samples: int = field(default=1, metadata={"help": "K answers per clip, each with its own trajectory"})
     temperature: float = field(default=0.5, metadata={"help": "0 = greedy, deterministic"})
     top_p: float = field(default=0.9, metadata={"help": "nucleus sampling mass"})
-    seed: int = field(default=0, metadata={"help": "seeds prompts, token and CVAE sampling"})
+    seed: int = field(default=0, metadata={"help": "seeds prompts, token and CVAE sampling (and the question shuffle)"})
     max_new_tokens: int = field(default=RELEASE_MAX_NEW_TOKENS, metadata={"help": "answer length limit"})
 
     def __post_init__(self):
+        _check_scalar_types(self)
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
         if self.num_samples < 1 or self.max_new_tokens < 1:
             raise ValueError("num_samples and max_new_tokens must be >= 1")
@@ -238,8 +253,8 @@ class EvalConfig(SamplingConfig):
 
     section = "eval"
 
-    split: str = "validation"
-    task: str = field(default="both", metadata={"choices": TASK_CHOICES})
+    split: str = field(default="validation", metadata={"help": "which samples/<split>/ to evaluate"})
+    task: str = field(default="both", metadata={"choices": TASK_CHOICES, "help": "VHP, RBHP or both"})
     max_new_tokens: int = field(default=64, metadata={"help": "answer length limit (four hand tokens fit)"})
     limit: int | None = field(default=None, metadata={"help": "evaluate the first N clips (sample_id order)"})
     shuffle_questions: bool = field(default=False, metadata={"help": "also ask each clip another clip's question"})
@@ -298,7 +313,7 @@ def add_section_flags(parser: argparse.ArgumentParser, section: str, cls, names:
         f = by_name[name]
         default = f.default if f.default is not MISSING else None
         kind = _flag_type(cls, name)
-        help_text = f"{f.metadata.get('help', '')} ({section}.{name}; default: {default})".strip()
+        help_text = f"{f.metadata.get('help', '')} ({section}.{name}: the preset's value, else {default})".strip()
         flag = "--" + name.replace("_", "-")
         if kind is bool:
             parser.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
@@ -323,7 +338,7 @@ def _parse_value(text: str):
 
     YAML 1.1 reads ``1e-3`` (no dot) as a string; numbers written that way are still numbers."""
     value = yaml.safe_load(text)
-    if isinstance(value, str):
+    if isinstance(value, str) and not text.strip().startswith(('"', "'")):  # a quoted value stays text
         for number in (int, float):
             try:
                 return number(value)

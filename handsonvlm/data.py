@@ -55,7 +55,9 @@ def rbhp_turns(question: str, cfg: ModelConfig, answer_index: int = 0,
     return [(image_prompt(question, cfg.image_token), answer if with_answer else None)]
 
 
-def encode_conversation(tokenizer, turns: list[tuple[str, str | None]], cfg: ModelConfig) -> tuple[list[int], list[int]]:
+def encode_conversation(
+    tokenizer, turns: list[tuple[str, str | None]], cfg: ModelConfig
+) -> tuple[list[int], list[int]]:
     """Token ids and labels of a conversation; the last turn's answer may be None (a prompt)."""
     template = TEMPLATES[cfg.prompt_template]
     ids: list[int] = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]

@@ -90,12 +90,14 @@ def build_jobs(rows: Sequence[Mapping], cfg, tasks: Sequence[str], seed: int, sh
     return jobs
 
 
+# ---------------------------------------------------------------------------------------- rows
+JOB_FIELDS = ("sample_id", "task", "variant", "question", "question_from", "seed")  # copied into its row
+PREDICTION_FIELDS = (*JOB_FIELDS, "answers", "trajectories", "complete", "hand_counts", "error")
+
+
 def no_complete_note(hand_counts: Sequence[int]) -> str:
     """The error note of a clip that generated fine but none of whose samples is complete."""
     return f"{NO_COMPLETE_SAMPLE}: hand tokens per sample {[int(c) for c in hand_counts]}, {NUM_FUTURE_POINTS} expected"
-
-
-JOB_FIELDS = ("sample_id", "task", "variant", "question", "question_from", "seed")  # copied into its row
 
 
 def prediction_row(job: Mapping, result: Mapping, num_samples: int) -> dict:
@@ -131,6 +133,17 @@ def reconcile(jobs: Sequence[Mapping], preds: Sequence[Mapping], num_samples: in
     out += [prediction_row(j, {"error": NO_PREDICTION}, num_samples) for j in jobs if _job_key(j) not in returned]
     order = {_job_key(j): i for i, j in enumerate(jobs)}
     return sorted(out, key=lambda p: order[_job_key(p)])
+
+
+def output_rows(preds: Sequence[Mapping], clips: Mapping[str, Mapping], num_samples: int) -> list[dict]:
+    """The stored form of :func:`reconcile`'s rows (predictions.parquet): ``answers`` as a list,
+    ``trajectories`` nested [K][2][T][2], ``error`` None when fine, plus the clip's ``gt`` [2][T][2]
+    and ``valid`` [2] (``clips``: ``{sample_id: clip row}``)."""
+    shape = (num_samples, *TRAJECTORY_SHAPE)
+    return [{**p, "answers": json.loads(p["answers"]), "seed": int(p["seed"]), "error": p["error"] or None,
+             "trajectories": np.asarray(p["trajectories"], np.float64).reshape(shape).tolist(),
+             "gt": clips[p["sample_id"]]["future_hands"][:, 1:].astype(np.float64).tolist(),
+             "valid": clips[p["sample_id"]]["future_valid"].astype(bool).tolist()} for p in preds]
 
 
 # ---------------------------------------------------------------------------------------- arrays
@@ -272,6 +285,16 @@ def metrics_from_rows(preds: Sequence[Mapping], clips: Mapping[str, Mapping], nu
         clip_arrays = Clips.from_rows([clips[i] for i in ids]) if ids else None
         out.update(task_metrics(task, clip_arrays, arrays[QUESTION], arrays[SHUFFLED]))
     return out
+
+
+def gallery_picks(preds: Sequence[Mapping], tasks: Sequence[str], per_task: int) -> list[tuple[str, Mapping]]:
+    """The rows the gallery draws, with their file names: the first ``per_task`` own-question
+    rows of each task, ``<task>_<i>_<sample_id>.png``."""
+    picks = []
+    for task in tasks:
+        mine = [p for p in preds if p["task"] == task and p["variant"] == QUESTION][:per_task]
+        picks += [(f"{task}_{i:02d}_{p['sample_id']}.png", p) for i, p in enumerate(mine)]
+    return picks
 
 
 # ---------------------------------------------------------------------------------------- table

@@ -64,7 +64,8 @@ def select_trajectory(points: torch.Tensor, counts: torch.Tensor, num_points: in
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, frames=None, frame_means=None,
              frame_grids=None, num_samples: int = 1, max_new_tokens: int = 64, temperature: float = 0.5,
-             top_p: float = 0.9, seed: int = 0, z_scale: float | None = None, use_cache: bool = True) -> GenerationResult:
+             top_p: float = 0.9, seed: int = 0, z_scale: float | None = None,
+             use_cache: bool = True) -> GenerationResult:
     """Answer B left-padded prompts [B, L] (each ending with "ASSISTANT:") with K samples each."""
     from transformers import DynamicCache
 

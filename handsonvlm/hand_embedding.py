@@ -1,4 +1,4 @@
-"""Hand-point <-> hidden-state plumbing around the `<hand_traj>` tokens (spec sections 2.5, 2.6).
+"""Hand-point <-> hidden-state plumbing around the `<hand_traj>` tokens (docs/MODEL.md, "Architecture").
 
 Two hands share one D-dimensional token. The release interleaves them: hidden/embedding dimension
 2i belongs to the RIGHT hand (hand 0) and 2i+1 to the LEFT hand (hand 1). Both directions use the
@@ -74,7 +74,7 @@ def split_hands(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def hand_conditions(states: torch.Tensor) -> torch.Tensor:
-    """Decoder conditions from the hidden states read at the hand tokens (spec 2.6).
+    """Decoder conditions from the hidden states read at the hand tokens.
 
     states [B, T, D] (the final-layer, post-norm state that PREDICTS each `<hand_traj>`)
     -> [B, 2, T, D/2] with hand 0 = right = even dims, hand 1 = left = odd dims.
@@ -84,7 +84,7 @@ def hand_conditions(states: torch.Tensor) -> torch.Tensor:
 
 
 def hand_token_embeddings(points: torch.Tensor, hidden_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Vectors added to the input embeddings of the `<hand_traj>` tokens (spec 2.5).
+    """Vectors added to the input embeddings of the `<hand_traj>` tokens.
 
     points [B, 2, T, 2] (hand 0 = right, hand 1 = left; T waypoints) -> [B, T, D], D = ``hidden_size``:
     each hand's point is encoded in D/2 dims and the two hands are interleaved (right = even dims).

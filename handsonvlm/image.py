@@ -1,4 +1,4 @@
-"""CLIP-style preprocessing of decoded video frames (spec section 3.4), vectorised over frames.
+"""CLIP-style preprocessing of decoded video frames (docs/MODEL.md, "Architecture"), vectorised over frames.
 
 The release feeds every frame through the ``openai/clip-vit-large-patch14`` image processor:
 resize the shortest side to S = 224 (bicubic), centre crop S x S, scale to [0, 1], normalise with

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from handsonvlm.config import ModelConfig, SamplingConfig
 from handsonvlm.constants import EPIC_FRAME_HEIGHT, EPIC_FRAME_WIDTH, FUTURE_STEP_SECONDS, HANDS
 
 JSON_DIGITS = 6  # coordinates and times in the document: 1e-6 of the frame / a microsecond
@@ -38,9 +39,8 @@ def check_export(directory: str | Path, names: tuple[str, ...]) -> Path:
     return directory
 
 
-def read_model_config(directory: str | Path):
+def read_model_config(directory: str | Path) -> ModelConfig:
     """The ModelConfig of an export, read without loading its weights (so input can be checked first)."""
-    from handsonvlm.config import ModelConfig
     from handsonvlm.model import CONFIG_FILE
 
     path = check_export(directory, (CONFIG_FILE,)) / CONFIG_FILE
@@ -76,11 +76,11 @@ def build_prompt(model, question: str):
     return pad_sequences([ids], model.tokens.pad, side="left")
 
 
-def predict(model, frames: np.ndarray, question: str, sampling, device: str = "cpu"):
+def predict(model, frames: np.ndarray, question: str, sampling: SamplingConfig, device: str = "cpu"):
     """Answer ``question`` about one clip -> ``GenerationResult`` (a batch of one, K samples).
 
-    frames: uint8 RGB ``[F, H, W, 3]`` as the shards store them; sampling: a
-    :class:`handsonvlm.config.SamplingConfig` (or PredictConfig)."""
+    frames: uint8 RGB ``[F, H, W, 3]`` as the shards store them; sampling: K, temperature, top-p,
+    seed, length (a PredictConfig is one)."""
     from handsonvlm.generation import generate
     from handsonvlm.image import preprocess_frames
 
@@ -99,7 +99,7 @@ def first_clip(result) -> tuple[np.ndarray, np.ndarray, list[int]]:
 
 
 # ---------------------------------------------------------------------------------------- notes
-def input_notes(width: int, height: int, sampling) -> list[str]:
+def input_notes(width: int, height: int, sampling: SamplingConfig) -> list[str]:
     """What the user should know before the model runs: an aspect ratio unlike training's, greedy K > 1."""
     notes = []
     if abs((width / height) / TRAINING_ASPECT - 1) > ASPECT_TOLERANCE:

@@ -1,98 +1,10 @@
-"""The training task mixture (spec §1.2, §1.3, §3.6), seeded and reproducible.
+"""The seeded training task mixture: which task (VHP, RBHP, ...) and which conversation a row gets.
 
-The release's ``HybridDataset`` ignores the sample index and draws a task, a sub-dataset and an
-item with a fresh OS-seeded ``np.random.RandomState()``; its EPIC conversation datasets draw
-templates with the global ``random`` module. Nothing there can be replayed. Here every random
-choice for a sample comes from a generator derived ONLY from ``(seed, epoch, row["sample_id"])``
-(plus a fixed stream name), hashed with BLAKE2b rather than Python's salted ``hash()``. The
-conversation a row gets is therefore the same whichever worker reads it, in whatever order,
-and it changes from epoch to epoch.
-
-Pieces
-------
-* :class:`TaskSource` (protocol): ``name`` and ``conversation(row, rng, cfg)`` -> turns
-  ``[(user_text, answer_text), ...]`` or ``None`` when the row cannot serve the task. Turns follow
-  :mod:`handsonvlm.data`: the first user message starts with the image token
-  (:func:`prompts.image_prompt`), later ones do not; an answer that gives a trajectory holds
-  exactly ``cfg.num_future_points`` hand tokens (:func:`prompts.hand_tokens`).
-* :class:`VHPSource`: the release's ``EpicMultiturnConversationDataset`` (§1.2): uniform over
-  4 modes -- 0: action question + action answer; 1: general question + trajectory answer;
-  2: action prediction then a follow-up trajectory question; 3: trajectory first, then action
-  prediction. With probability ``rephrase_rate`` the narration is replaced by one of
-  ``row["narration_paraphrases"]`` (when the row has any) before templating.
-* :class:`RBHPSource`: the release's ``EpicReasoningConversationDataset`` (§1.3): one of
-  ``row["rbhp_questions"]`` + a trajectory answer; ``None`` for rows without questions.
-* :func:`vhp_eval_turns`, :func:`rbhp_eval_turns`: the evaluation prompts (raw narration, no
-  answer), deterministic given the generator (e.g. :func:`eval_rng`).
-* :class:`Mixture`: picks a task by rate among the sources that can serve the row.
-* :func:`make_example`: row -> tokenised :class:`MixtureExample` (an :class:`data.Example` that
-  also records the task and the turns).
-
-Choosing a task
----------------
-``Mixture.choose`` draws a task with probability proportional to its rate; if the chosen source
-returns ``None`` for the row, it is removed and the draw is repeated among the rest. This is
-exactly a draw by the renormalised rates of the sources that can serve the row (a row without
-RBHP questions always becomes VHP), and only the chosen source's conversation is built. When no
-source can serve a row (e.g. a test-split row: no narration, no questions), ``choose`` raises
-:class:`NoTaskError` (a ``ValueError``): a training set should not hold such rows, and
-skipping them silently would change the epoch's size. Sources are visited in sorted name order,
-so the result does not depend on dict order either.
-
-Each source gets its own generator (stream ``"source:<name>"``), independent of the task draw,
-so adding a source or changing rates does not change the conversations of a task that is still
-chosen for a row.
-
-Deviations from the release (deliberate)
-----------------------------------------
-* Seeded per (seed, epoch, sample) instead of OS-seeded; evaluation templates are drawn from a
-  given generator instead of the unseeded ``random.choice``.
-* Mode 2/3's action-prediction answer is uniform over ``prompts.ACTION_PREDICTION_ANSWERS`` plus,
-  when the row has a ``noun``, ``prompts.ACTION_PREDICTION_NOUN_ANSWERS`` (the release: "predicted",
-  "expected", "... Because there are {noun} ..."). The noun is the EPIC key as the release used it
-  (e.g. ``board:chopping``); it is never paraphrased.
-* Paraphrase aliases are already resolved to strings by preprocessing (docs/DATA.md), so the
-  release's list-in-the-prompt bug cannot happen.
-* Only the EPIC half of the release's mixture exists (``task_rates`` default
-  ``{"vhp": 0.5, "rbhp": 0.5}``); see below for the LITA tasks.
-
-LITA co-training sources (not implemented)
-------------------------------------------
-The release gives half of its samples to LITA tasks (dense video captioning, event
-localisation, LLaVA image QA, NExT-QA video QA, reasoning temporal localisation; 10 % each).
-Such a task plugs in as a :class:`TaskSource` that OWNS its data, like the release's
-``HybridDataset`` that ignores the index: it is built with its own annotation list and media
-reader, ignores the EPIC ``row`` except as the key of its random draw, and picks an item with the
-generator it is given::
-
-    class ImageQASource:
-        name = "imgqa"
-
-        def __init__(self, items, load_frames):        # items: [{"image": path, "turns": [(q, a), ...]}]
-            self.items, self.load_frames = items, load_frames
-
-        def _item(self, rng):
-            return self.items[int(rng.integers(len(self.items)))]
-
-        def conversation(self, row, rng, cfg):
-            turns = list(self._item(rng)["turns"])
-            turns[0] = (image_prompt(turns[0][0], cfg.image_token), turns[0][1])
-            return turns
-
-        def media(self, row, rng, cfg):                 # optional: the source's own clip
-            return Media(frames=self.load_frames(self._item(rng)["image"], cfg))
-
-    mixture = Mixture.from_config({"task_rates": {"vhp": .25, "rbhp": .25, "imgqa": .5}},
-                                  model_cfg, extra_sources={"imgqa": ImageQASource(items, load)})
-
-The optional ``media(row, rng, cfg) -> Media`` hook receives a generator in the SAME state as the
-one ``conversation`` received (same stream), so repeating the same draws selects the same item.
-:func:`make_example` then uses the source's frames (an image repeated / a video sampled to
-``num_obs_frames``) and, unless the source gives trajectory targets, zero targets with both hands
-invalid (as the release's collator fills missing HOI fields), so only the text loss applies.
-Dense-captioning / localisation answers carry LITA's ``<tN>`` time tokens, which
-:func:`tokens.load_tokenizer` already adds. Give every such source a rate in ``task_rates``;
-:meth:`Mixture.from_config` refuses a rate without a source and vice versa.
+Every random choice for a sample comes from a generator derived only from (seed, epoch,
+sample_id), so a row's conversation is the same on every worker and in any order (the release's
+``HybridDataset`` is OS-seeded and cannot be replayed). Pieces, task choice, the deliberate
+deviations from the release and how LITA co-training sources plug in: docs/MODEL.md, "The
+training mixture".
 """
 
 from __future__ import annotations
@@ -224,7 +136,7 @@ class VHPDraw:
 
 @dataclass
 class VHPSource:
-    """The release's ``EpicMultiturnConversationDataset`` (spec §1.2), seeded."""
+    """The release's ``EpicMultiturnConversationDataset``, seeded."""
 
     rephrase_rate: float = DEFAULT_REPHRASE_RATE
     name: str = "vhp"
@@ -272,7 +184,7 @@ class VHPSource:
 
 @dataclass
 class RBHPSource:
-    """The release's ``EpicReasoningConversationDataset`` (spec §1.3), seeded."""
+    """The release's ``EpicReasoningConversationDataset``, seeded."""
 
     name: str = "rbhp"
 

@@ -45,7 +45,8 @@ def _build_lm(cfg: ModelConfig, tokenizer):
                                                   attn_implementation=cfg.lm.attn_implementation)
         except OSError as exc:
             raise FileNotFoundError(f"LM weights {cfg.lm.pretrained!r} are neither a local directory nor in the local "
-                                    f"Hugging Face cache; nothing is downloaded at run time (see docs/MODEL.md)") from exc
+                                    "Hugging Face cache; nothing is downloaded at run time "
+                                    "(see docs/MODEL.md)") from exc
     else:
         lm_config = LlamaConfig(**cfg.lm.config, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
@@ -146,11 +147,13 @@ class HandsOnVLM(nn.Module):
         gathered = encodings.gather(1, k.clamp(0, n_points - 1)[..., None].expand(-1, -1, self.hidden_size))
         return gathered * use[..., None].to(dtype)
 
-    def hand_states(self, hidden: torch.Tensor, ids: torch.Tensor, num_points: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def hand_states(
+        self, hidden: torch.Tensor, ids: torch.Tensor, num_points: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states one position before each of the first ``num_points`` hand tokens.
 
         hidden [B, L', D], ids [B, L'] -> (states [B, T, D], found [B, T] bool). The state at
-        p - 1 is the one that predicts the hand token at p (spec 2.6)."""
+        p - 1 is the one that predicts the hand token at p."""
         is_hand = ids == self.tokens.hand
         k = is_hand.long().cumsum(-1) - 1
         slots = torch.arange(num_points, device=ids.device)

@@ -5,8 +5,9 @@ LLaVA's templates, so training falls back to it) and evaluates with ``llava_v0``
 ``--conv-mode`` is given: a mismatch. Both modes here use ``vicuna_v1`` everywhere; ``llava_v0`` is
 kept to reproduce the release's evaluator on request (docs/MODEL.md).
 
-The question/answer wordings follow the release's ``handsonvlm/constants.py`` (spec §1.2); ``{}``
-is filled with the narration, ``{hands}`` with the hand tokens.
+Only the action question/answer templates follow the release's ``handsonvlm/constants.py``; the
+general, follow-up and action-prediction wordings were written anew and do not match it yet.
+``{}`` is filled with the narration, ``{hands}`` with the hand tokens.
 """
 
 from __future__ import annotations

@@ -22,7 +22,24 @@ TINY_TOKENIZER_DIR = CONFIG_DIR / "tokenizers" / "tiny"
 TINY_VOCAB_SIZE = 1024
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 # A kitchen vocabulary so that the tiny tokenizer has whole-word pieces for the data's words.
-KITCHEN_WORDS = ["take", "put", "wash", "open", "close", "insert", "turn-on", "cut", "turn-off", "pour", "mix", "move", "remove", "throw", "dry", "shake", "scoop", "adjust", "squeeze", "peel", "empty", "press", "flip", "turn", "check", "scrape", "apply", "fill", "fold", "hold", "fit", "lift", "rub", "stir", "transition", "pick", "get", "grab", "set", "unscrew", "screw", "pull", "push", "slide", "place", "return", "rinse", "clean", "wipe", "scrub", "fry", "boil", "cook", "heat", "chop", "slice", "dice", "serve", "drink", "eat", "sip", "spread", "reach", "use", "make", "prepare", "water", "tea", "coffee", "milk", "juice", "oil", "vinegar", "sauce", "salt", "pepper", "sugar", "tap", "spoon", "plate", "cupboard", "knife", "pan", "lid", "bowl", "drawer", "sponge", "glass", "hand", "fridge", "cup", "fork", "bottle", "onion", "cloth", "board", "chopping", "bag", "spatula", "container", "liquid", "washing", "soap", "towel", "kettle", "jar", "egg", "bread", "cheese", "butter", "meat", "vegetable", "potato", "tomato", "carrot", "garlic", "rice", "pasta", "dish", "pot", "sink", "counter", "table", "stove", "oven", "microwave", "bin", "box", "paper", "tray", "mug", "blade", "scrubber", "cereal", "batter", "soup", "honey", "toast", "jam", "pickles", "prep", "surface", "wooden", "frying", "dinner", "meal", "thirst", "something", "some", "the", "a", "an", "my", "me", "to", "for", "of", "with", "into", "onto", "on", "in", "from", "off", "up", "down", "out", "over", "under", "left", "right", "hands", "hand", "trajectory", "move", "where", "should", "if", "want", "can", "you", "provide", "what", "is", "recommended", "movement", "next", "second", "red", "green", "blue", "yellow", "white", "black", "brown", "pink", "purple", "orange", "grey", "small", "large", "tall", "round", "flat"]
+KITCHEN_WORDS = [
+    "take", "put", "wash", "open", "close", "insert", "turn-on", "cut", "turn-off", "pour", "mix", "move", "remove",
+    "throw", "dry", "shake", "scoop", "adjust", "squeeze", "peel", "empty", "press", "flip", "turn", "check", "scrape",
+    "apply", "fill", "fold", "hold", "fit", "lift", "rub", "stir", "transition", "pick", "get", "grab", "set",
+    "unscrew", "screw", "pull", "push", "slide", "place", "return", "rinse", "clean", "wipe", "scrub", "fry", "boil",
+    "cook", "heat", "chop", "slice", "dice", "serve", "drink", "eat", "sip", "spread", "reach", "use", "make",
+    "prepare", "water", "tea", "coffee", "milk", "juice", "oil", "vinegar", "sauce", "salt", "pepper", "sugar", "tap",
+    "spoon", "plate", "cupboard", "knife", "pan", "lid", "bowl", "drawer", "sponge", "glass", "hand", "fridge", "cup",
+    "fork", "bottle", "onion", "cloth", "board", "chopping", "bag", "spatula", "container", "liquid", "washing", "soap",
+    "towel", "kettle", "jar", "egg", "bread", "cheese", "butter", "meat", "vegetable", "potato", "tomato", "carrot",
+    "garlic", "rice", "pasta", "dish", "pot", "sink", "counter", "table", "stove", "oven", "microwave", "bin", "box",
+    "paper", "tray", "mug", "blade", "scrubber", "cereal", "batter", "soup", "honey", "toast", "jam", "pickles", "prep",
+    "surface", "wooden", "frying", "dinner", "meal", "thirst", "something", "some", "the", "a", "an", "my", "me", "to",
+    "for", "of", "with", "into", "onto", "on", "in", "from", "off", "up", "down", "out", "over", "under", "left",
+    "right", "hands", "hand", "trajectory", "move", "where", "should", "if", "want", "can", "you", "provide", "what",
+    "is", "recommended", "movement", "next", "second", "red", "green", "blue", "yellow", "white", "black", "brown",
+    "pink", "purple", "orange", "grey", "small", "large", "tall", "round", "flat",
+]
 
 
 @dataclass(frozen=True)

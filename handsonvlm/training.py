@@ -2,7 +2,7 @@
 
 The Ray Train worker (pipelines/train_worker.py) hands the model, optimizer and scheduler built
 here to DeepSpeed; the benchmark's plain loop and the golden regression test run them in plain
-PyTorch. One definition keeps the three bit-identical. No Ray or DeepSpeed here.
+PyTorch. One definition keeps their set-up identical. No Ray or DeepSpeed here.
 """
 
 from __future__ import annotations
@@ -130,8 +130,9 @@ def fixed_batch_loss(model: nn.Module, batch: dict[str, torch.Tensor],
 
 def plain_step(parts: TrainingParts, batch: dict[str, torch.Tensor], generator: torch.Generator,
                max_grad_norm: float) -> dict[str, torch.Tensor]:
-    """One optimizer step in plain PyTorch (what DeepSpeed's engine does for the worker without
-    ZeRO): forward, backward, gradient clipping, AdamW, the LR schedule. Returns the forward's outputs."""
+    """One optimizer step in plain PyTorch, the counterpart of the worker's DeepSpeed forward,
+    ``backward`` and ``step``: forward, backward, gradient clipping, AdamW, the LR schedule.
+    Returns the forward's outputs (``loss`` and its parts, see :data:`LOSS_PARTS`)."""
     out = parts.model(**batch, generator=generator)
     parts.optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()

@@ -1,4 +1,4 @@
-"""Trajectory decoders: hidden state at a `<hand_traj>` token -> one 2D hand point (spec 2.7, 2.8).
+"""Trajectory decoders: hidden state at a `<hand_traj>` token -> one 2D hand point.
 
 Every (sample b, hand h, waypoint t) row is decoded independently from its condition
 c = the hand's half of the hidden state (D/2 dims, see ``hand_embedding.hand_conditions``).
@@ -19,7 +19,7 @@ Concatenation orders are the release's (target first, then condition; latent fir
 condition), so released weights load unchanged. At inference z = z_scale * N(0, I) with
 z_scale = 2.0 (wider than the unit prior used in training) and yhat = Dec([z; c]).
 
-Losses for a micro-batch with hand validity v [B, 2] (spec 2.8; lambdas are applied by the caller):
+Losses for a micro-batch with hand validity v [B, 2] (lambdas are applied by the caller):
 
     recon = sum_b sum_h v_bh sum_t sum_xy (yhat - y)^2            (a SUM, not a mean, as released)
     KL_bht = -1/2 sum_latent (1 + logvar - mu^2 - exp(logvar))

@@ -1,4 +1,4 @@
-"""Frozen CLIP vision tower and LITA's ``temporal_spatial_pool`` video tokens (spec sections 2.1, 2.2).
+"""Frozen CLIP vision tower and LITA's ``temporal_spatial_pool`` video tokens (docs/MODEL.md, "Architecture").
 
 Release pipeline for a batch of B videos of T = 100 frames (CLIP ViT-L/14-224: P = 16x16 = 256
 patches of C = 1024, projector Linear C -> D):

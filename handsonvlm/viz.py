@@ -1,6 +1,6 @@
 """Drawing predicted and ground-truth hand trajectories on frames (PNG and MP4).
 
-Follows the release's ``create_trajectory_video`` (spec 6.3): frames resized to 960x540, the last
+Follows the release's ``create_trajectory_video``: frames resized to 960x540, the last
 observed frame blended 50 % with white, RIGHT hand RGB (220, 50, 32), LEFT (0, 90, 181), 10 px
 lines, a start circle of radius 16 and a 15 px arrow head at 30 degrees on the last segment, mp4v.
 Additions: the ground truth (thin dashed lines, hollow markers), the current hand position as the

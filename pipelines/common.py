@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+from pathlib import Path
 
 from preprocessing import storage
 
@@ -44,6 +46,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
              runtime_env={"env_vars": env_vars} if env_vars else None)
 
 
+def add_ray_flags(parser: argparse.ArgumentParser) -> None:
+    """``--ray-address`` and ``--num-cpus``, the arguments of :func:`init_ray` every Ray entry point takes."""
+    parser.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+
+
 def positive_int(text: str) -> int:
     """argparse type for counts that must be >= 1."""
     value = int(text)
@@ -80,3 +88,19 @@ def load_config_section(parser: argparse.ArgumentParser, args: argparse.Namespac
         return load_section(cls, args.config, section, [*args.set, *section_overrides(args, section, names)])
     except (ValueError, TypeError, FileNotFoundError) as exc:
         parser.error(str(exc))
+
+
+def trained_preset(model_dir: str, default: str) -> str:
+    """The preset an exported model was trained from: each preset names its model after itself
+    (``model.name``), which the export keeps; ``default`` when that name is not a preset in configs/
+    (or ``model_dir`` is no export)."""
+    if not Path(model_dir).is_dir():
+        return default
+    from handsonvlm.config import CONFIG_DIR
+    from handsonvlm.model import CONFIG_FILE
+
+    try:
+        name = str(json.loads((Path(model_dir) / CONFIG_FILE).read_text())["name"])
+    except (OSError, ValueError, KeyError):
+        return default
+    return name if Path(name).name == name and (CONFIG_DIR / f"{name}.yaml").is_file() else default

@@ -1,32 +1,17 @@
 """Evaluation job: Ray Data batch inference of an exported HandsOnVLM on the sample shards + metrics.
 
     python pipelines/evaluate.py --model runs/models/<name> --data OUT [--config PRESET] [--set eval.KEY=VALUE]
-        [--split validation] [--task vhp|rbhp|both] [--num-samples K] [--seed S] [--limit N] [--shuffle-questions]
-        [--batch-size B] [--temperature 0.5] [--top-p 0.9] [--max-new-tokens 64] [--replicas R]
-        [--run-name NAME] [--gallery 8] [--no-mlflow] [--ray-address ADDR] [--num-cpus N]
+        [--split validation] [--task vhp|rbhp|both] [--num-samples K] [--shuffle-questions] [--limit N] [--seed S]
+        [... a flag per eval key: --help] [--run-name NAME] [--no-mlflow] [--ray-address ADDR] [--num-cpus N]
 
-Settings (``handsonvlm.config.EvalConfig``): the ``eval:`` section of ``--config`` (default: the preset
-named by the model's exported ``model.name``, else ``tiny``), then ``--set``, then the flags. Locally it
-starts a Ray of its own; on a cluster: ``ray job submit --working-dir . -- python pipelines/evaluate.py ...``.
-
-1. The driver reads the light columns of ``OUT/samples/<split>/`` (no frames), keeps the first ``--limit``
-   clips in ``sample_id`` order and builds the prompts (``handsonvlm.evaluation.build_jobs``: VHP, RBHP and,
-   with ``--shuffle-questions``, each clip asked another clip's question). A clip's prompt and sampling
-   seed depend on its id and ``--seed`` only, never on ``--limit``, batching or the replicas.
-2. ``map_batches`` runs :class:`Predictor` on the shards holding those clips, an actor pool of
-   ``--replicas`` (one GPU each when the cluster has GPUs, else one CPU); each actor loads the model once.
-3. The driver scores the answers with ``handsonvlm.evaluation`` (every key: docs/METRICS.md, "Evaluation"),
-   writes the outputs and logs one MLflow run (experiment ``handsonvlm``, tag ``stage=eval``, linked to the
-   training run whose ``model_path`` tag or name matches ``--model``).
-
-Outputs in ``OUT/eval/<run-name>/`` (``runs/eval/<run-name>/`` when ``--data`` is a URI), also the MLflow
-run's artifacts: ``metrics.json`` (metrics, parameters, run ids), ``predictions.parquet`` (one row per
-clip, task and variant: sample_id, task, variant ("question" | "shuffled"), question, question_from,
-answers [K], trajectories [K][2][T][2] (NaN = missing point), complete [K], hand_counts [K], seed, error
-(null when fine), gt [2][T][2], valid [2]) and ``gallery/<task>_<i>_<sample_id>.png`` (the first
-``--gallery`` clips per task: the last observed frame, the mean of the complete samples solid, the GT
-dashed). A table (task | ade/fde/wde | baseline ades | shuffled ade | coverage | the two ratios) is
-printed. Exit status 0 on success, 1 when evaluation fails, 2 on a usage error.
+Settings: ``handsonvlm.config.EvalConfig`` from the ``eval:`` section of ``--config`` (default: the preset
+the model's exported ``model.name`` names, else ``tiny``), then ``--set``, then the flags. The driver builds
+the prompts of the first ``--limit`` clips (``sample_id`` order); an actor pool of ``--replicas``
+:class:`Predictor` (a GPU each when the cluster has GPUs, else a CPU) answers them; the driver scores them
+(``handsonvlm.evaluation``), writes ``metrics.json``, ``predictions.parquet`` and ``gallery/*.png`` to
+``OUT/eval/<run-name>/`` (``runs/eval/<run-name>/`` for a URI ``--data``), logs them as one MLflow run (tag
+``stage=eval``, linked to the training run of ``--model``) and prints a table. Keys and columns:
+docs/METRICS.md, "Evaluation". Exit status 0 on success, 1 when evaluation fails, 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -36,35 +21,25 @@ import json
 import math
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a bare checkout / job working_dir
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
-from handsonvlm.config import CONFIG_DIR, EvalConfig, ModelConfig, add_section_flags
+from handsonvlm import evaluation
+from handsonvlm.config import EvalConfig, add_section_flags
 from handsonvlm.constants import NUM_FUTURE_POINTS
-from handsonvlm.evaluation import (
-    QUESTION,
-    TRAJECTORY_SHAPE,
-    build_jobs,
-    metrics_from_rows,
-    prediction_row,
-    reconcile,
-    summary_table,
-)
-from pipelines import tracking
-from pipelines.common import (
-    DEFAULT_OBJECT_STORE_BYTES,
-    add_preset_flags,
-    init_ray,
-    load_config_section,
-    setup_logging,
-)
+from handsonvlm.evaluation import TRAJECTORY_SHAPE
+from handsonvlm.inference import ModelLoadError, check_export, read_model_config
+from pipelines import common, tracking
 from preprocessing import layout, storage
 
-EVAL_FLAGS = ("split", "task", "num_samples", "seed", "limit", "shuffle_questions", "batch_size", "temperature",
-              "top_p", "max_new_tokens", "replicas", "gallery")
+EVAL_FLAGS = tuple(f.name for f in fields(EvalConfig))  # every key has its flag: --split ... --gallery
 DEFAULT_PRESET = "tiny"
 TEXT_COLUMNS = ["sample_id", "narration", "rbhp_questions"]
 TENSOR_COLUMNS = ["future_hands", "future_valid", "past_hands", "past_hands_valid"]
@@ -72,15 +47,19 @@ FRAME_COLUMNS = ["sample_id", "obs_jpeg"]
 URI_OUTPUT_ROOT = "runs"  # where the outputs go when --data is a URI (the job's working directory)
 MAX_ERROR_CHARS = 2000
 MLFLOW_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
+MAX_TRAIN_RUNS = 1000  # training runs searched for the one --model came from
 EXIT_ERROR = 2
+PREDICTIONS_FILE = "predictions.parquet"
+F64, STRING = pa.float64(), pa.string()
+PREDICTIONS_SCHEMA = pa.schema([  # predictions.parquet: nested lists [K][2][T][2], [2][T][2], ...
+    ("sample_id", STRING), ("task", STRING), ("variant", STRING), ("question", STRING), ("question_from", STRING),
+    ("answers", pa.list_(STRING)), ("trajectories", pa.list_(pa.list_(pa.list_(pa.list_(F64))))),
+    ("complete", pa.list_(pa.bool_())), ("hand_counts", pa.list_(pa.int64())), ("seed", pa.int64()),
+    ("error", STRING), ("gt", pa.list_(pa.list_(pa.list_(F64)))), ("valid", pa.list_(pa.bool_()))])
 
 
 class EvalError(Exception):
     """A usage problem (missing model or data) reported as one line."""
-
-
-def _error_note(exc: Exception, prefix: str = "") -> str:
-    return f"{prefix}{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
 
 
 def generate_for_jobs(model, jobs: list[dict], frames: list, settings: EvalConfig) -> list[dict]:
@@ -98,9 +77,8 @@ def generate_for_jobs(model, jobs: list[dict], frames: list, settings: EvalConfi
                       num_samples=settings.num_samples, max_new_tokens=settings.max_new_tokens,
                       temperature=settings.temperature, top_p=settings.top_p, seed=int(jobs[0]["seed"]))
     traj = result.trajectories.detach().float().cpu().numpy()
-    return [{"answers": list(result.texts[i]), "trajectories": traj[i],
-             "complete": result.complete[i].cpu().numpy().astype(bool),
-             "hand_counts": result.hand_counts[i].cpu().numpy().astype(np.int64)} for i in range(len(jobs))]
+    return [{"answers": list(result.texts[i]), "trajectories": traj[i], "complete": result.complete[i].cpu().numpy(),
+             "hand_counts": result.hand_counts[i].cpu().numpy()} for i in range(len(jobs))]
 
 
 class Predictor:
@@ -111,14 +89,10 @@ class Predictor:
     one call for all jobs of a batch. A call that raises is retried job by job, so an error only
     fails its own clip. Actors return predictions only (no frames)."""
 
-    def __init__(self, model_dir: str, jobs: dict, settings: EvalConfig, device: str | None = None,
-                 generate_fn=None):
-        import torch
+    def __init__(self, model_dir: str, jobs: dict, settings: EvalConfig, device: str | None = None, generate_fn=None):
+        from handsonvlm.inference import load_model
 
-        from handsonvlm.model import HandsOnVLM
-
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = HandsOnVLM.from_pretrained(model_dir).to(device).eval()
+        self.model, _ = load_model(model_dir, device or "auto")
         self.settings, self.jobs = settings, jobs  # jobs: sample_id -> [job]
         self.generate_fn = generate_fn or generate_for_jobs
 
@@ -127,7 +101,7 @@ class Predictor:
             return self.generate_fn(self.model, jobs, frames, self.settings)
         except Exception as exc:  # isolate the failing clip(s)
             if len(jobs) == 1:
-                return [{"error": _error_note(exc)}]
+                return [{"error": f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]}]
             return [r for j, f in zip(jobs, frames) for r in self._run([j], [f])]
 
     def __call__(self, batch):
@@ -137,23 +111,19 @@ class Predictor:
 
         todo, frames, out = [], [], []
         for sample_id, jpegs in zip(batch["sample_id"], batch["obs_jpeg"]):
-            mine = self.jobs.get(str(sample_id), [])
-            if not mine:  # a clip of the same shard that is not evaluated (--limit)
-                continue
+            mine = self.jobs.get(str(sample_id), [])  # none: a clip of the shard that is not evaluated (--limit)
             try:
-                clip = clip_frames(list(jpegs), image_size=self.model.vision.image_size)
+                clip = clip_frames(list(jpegs), image_size=self.model.vision.image_size) if mine else None
             except Exception as exc:  # an undecodable clip fails its jobs only
-                out += [(job, {"error": _error_note(exc, "frames: ")}) for job in mine]
+                out += [(job, {"error": f"frames: {type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]}) for job in mine]
                 continue
             todo += mine
             frames += [clip] * len(mine)
-        if todo:
-            if self.settings.temperature <= 0:
-                results = self._run(todo, frames)
-            else:
-                results = [r for job, f in zip(todo, frames) for r in self._run([job], [f])]
-            out += list(zip(todo, results))
-        return pd.DataFrame([prediction_row(job, res, self.settings.num_samples) for job, res in out])
+        greedy = self.settings.temperature <= 0
+        calls = [(todo, frames)] if greedy and todo else [([job], [f]) for job, f in zip(todo, frames)]
+        out += [pair for jobs, clips in calls for pair in zip(jobs, self._run(jobs, clips))]
+        rows = [evaluation.prediction_row(job, res, self.settings.num_samples) for job, res in out]
+        return pd.DataFrame(rows, columns=list(evaluation.PREDICTION_FIELDS))  # columns even without rows
 
 
 def predict(jobs: list[dict], where: dict[str, str], model_dir: str, settings: EvalConfig, generate_fn=None):
@@ -175,13 +145,14 @@ def predict(jobs: list[dict], where: dict[str, str], model_dir: str, settings: E
     return ds.take_all()
 
 
-def read_shards(paths, columns: list[str]):
-    """(shard path, pyarrow table of ``columns``) for each shard."""
-    import pyarrow.parquet as pq
-
+def read_shards(paths, columns: list[str], sample_ids: list[str] | None = None):
+    """(shard path, pyarrow table of ``columns``) per shard: every row, or those of ``sample_ids``."""
     for path in paths:
         fs, inner = storage.resolve(path)
-        yield path, pq.read_table(inner, filesystem=fs, columns=columns)
+        table = pq.read_table(inner, filesystem=fs, columns=columns)
+        if sample_ids is not None:
+            table = table.filter(pc.is_in(table.column("sample_id"), value_set=pa.array(sample_ids)))
+        yield path, table
 
 
 def read_clips(samples_dir: str) -> tuple[list[dict], dict[str, str]]:
@@ -199,77 +170,39 @@ def read_clips(samples_dir: str) -> tuple[list[dict], dict[str, str]]:
     return rows, where
 
 
-def predictions_table(preds: list[dict], clips: dict, K: int):
-    import pyarrow as pa
-
-    f64, string, traj = pa.float64(), pa.string(), (K, *TRAJECTORY_SHAPE)
-    rows = [{**p, "answers": json.loads(p["answers"]), "error": p["error"] or None,
-             "trajectories": np.asarray(p["trajectories"], np.float64).reshape(traj).tolist(),
-             "gt": clips[p["sample_id"]]["future_hands"][:, 1:].astype(np.float64).tolist(),
-             "valid": clips[p["sample_id"]]["future_valid"].astype(bool).tolist()} for p in preds]
-    schema = pa.schema([("sample_id", string), ("task", string), ("variant", string), ("question", string),
-                        ("question_from", string), ("answers", pa.list_(string)),
-                        ("trajectories", pa.list_(pa.list_(pa.list_(pa.list_(f64))))),
-                        ("complete", pa.list_(pa.bool_())), ("hand_counts", pa.list_(pa.int64())),
-                        ("seed", pa.int64()), ("error", string),
-                        ("gt", pa.list_(pa.list_(pa.list_(f64)))), ("valid", pa.list_(pa.bool_()))])
-    return pa.Table.from_pylist(rows, schema=schema)
-
-
 def write_gallery(preds: list[dict], clips: dict, where: dict, K: int, per_task: int, tasks, directory: Path):
-    """Overlays of the first ``per_task`` clips of each task on their last observed frame."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
+    """Overlays of ``evaluation.gallery_picks`` on the last observed frame: mean of the complete samples, GT."""
     from handsonvlm import viz
     from handsonvlm.image import decode_jpegs
 
-    chosen = [p for task in tasks for p in [p for p in preds if (p["task"], p["variant"]) == (task, QUESTION)][:per_task]]
-    ids = sorted({p["sample_id"] for p in chosen})
-    frames = {}
-    for _, table in read_shards(sorted({where[s] for s in ids}), FRAME_COLUMNS):
-        table = table.filter(pc.is_in(table.column("sample_id"), value_set=pa.array(ids)))
-        for sid, jpegs in zip(*(table.column(c).to_pylist() for c in FRAME_COLUMNS)):
-            frames[sid] = decode_jpegs([jpegs[-1]])[0]
+    picks = evaluation.gallery_picks(preds, tasks, per_task)
+    ids = sorted({p["sample_id"] for _, p in picks})
+    shards = read_shards(sorted({where[s] for s in ids}), FRAME_COLUMNS, ids)
+    frames = {sid: decode_jpegs([jpegs[-1]])[0] for _, table in shards
+              for sid, jpegs in zip(*(table.column(c).to_pylist() for c in FRAME_COLUMNS))}
     written = []
-    for i, p in enumerate(chosen):
+    for name, p in picks:
         clip, done = clips[p["sample_id"]], np.asarray(p["complete"], bool)
         traj = np.asarray(p["trajectories"], np.float64).reshape(K, *TRAJECTORY_SHAPE)
         image = viz.overlay_image(frames[p["sample_id"]], pred=traj[done].mean(0) if done.any() else None,
                                   gt=clip["future_hands"][:, 1:], valid=clip["future_valid"],
                                   start=clip["future_hands"][:, 0])
-        name = f"{p['task']}_{sum(q['task'] == p['task'] for q in chosen[:i]):02d}_{p['sample_id']}.png"
         written.append(viz.save_png(image, directory / "gallery" / name))
     return written
 
 
-def find_training_run(mlflow_client, exp_id: str, model_dir: str) -> tuple[str, str] | None:
-    """(run_id, run name) of the training run whose ``model_path`` tag or name matches ``model_dir``."""
-    path = str(Path(model_dir).absolute())
+def training_link(mlflow_client, exp_id: str, model_dir: str) -> dict[str, str]:
+    """Tags ``train_run_id``/``train_run_name`` of the training run whose ``model_path`` tag, else
+    whose name, matches ``model_dir``; {} when none does (linking is best effort)."""
     try:
-        runs = mlflow_client.search_runs([exp_id], filter_string="tags.stage = 'train'", max_results=1000)
-    except Exception:  # linking is best effort
-        return None
-    for run in runs:
-        tags = run.data.tags
-        if tags.get("model_path") and str(Path(tags["model_path"]).absolute()) == path:
-            return run.info.run_id, tags.get(tracking.RUN_NAME_TAG, run.info.run_name)
-    for run in runs:
-        if run.data.tags.get(tracking.RUN_NAME_TAG, run.info.run_name) == Path(path).name:
-            return run.info.run_id, Path(path).name
-    return None
-
-
-def trained_preset(model_dir: str) -> str:
-    """The preset a model was trained from: each preset names its model after itself and the export
-    keeps ``model.name``; a name that is not a preset in configs/ falls back to ``tiny``."""
-    from handsonvlm.model import CONFIG_FILE
-
-    try:
-        name = str(json.loads((Path(model_dir) / CONFIG_FILE).read_text())["name"])
-    except (OSError, ValueError, KeyError):
-        return DEFAULT_PRESET
-    return name if Path(name).name == name and (CONFIG_DIR / f"{name}.yaml").is_file() else DEFAULT_PRESET
+        runs = mlflow_client.search_runs([exp_id], filter_string="tags.stage = 'train'", max_results=MAX_TRAIN_RUNS)
+    except Exception:  # an unreachable or old tracking server must not fail the evaluation
+        return {}
+    names = {r.info.run_id: r.data.tags.get(tracking.RUN_NAME_TAG, r.info.run_name) for r in runs}
+    path = Path(model_dir).absolute()
+    by_path = [r for r in runs if r.data.tags.get("model_path") and Path(r.data.tags["model_path"]).absolute() == path]
+    run = (by_path or [r for r in runs if names[r.info.run_id] == path.name] or [None])[0]
+    return {"train_run_id": run.info.run_id, "train_run_name": names[run.info.run_id]} if run else {}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -277,73 +210,66 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="exported model directory (runs/models/<run-name>)")
     p.add_argument("--data", required=True, help="preprocessing output root (holds samples/<split>/)")
-    add_preset_flags(p, "eval", default=f"the preset the model's model.name names, else {DEFAULT_PRESET}")
+    common.add_preset_flags(p, "eval", default=f"the preset the model's model.name names, else {DEFAULT_PRESET}")
     add_section_flags(p, "eval", EvalConfig, EVAL_FLAGS)
     p.add_argument("--run-name", help="MLflow run / output folder name (default: eval-<model>-<split>-<time>)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
-    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    common.add_ray_flags(p)
     args = p.parse_args(argv)
-    args.config = args.config or trained_preset(args.model)
-    args.eval = load_config_section(p, args, EvalConfig, "eval", EVAL_FLAGS)
+    args.config = args.config or common.trained_preset(args.model, DEFAULT_PRESET)
+    args.eval = common.load_config_section(p, args, EvalConfig, "eval", EVAL_FLAGS)
     return args
 
 
 def run(args: argparse.Namespace, generate_fn=None) -> dict:
-    """The whole evaluation (Ray must be initialised). ``generate_fn(model, jobs, frames, settings)``
-    replaces :func:`generate_for_jobs` in the actors (tests)."""
-    import pyarrow.parquet as pq
-
+    """The whole evaluation (Ray initialised); ``generate_fn`` replaces :func:`generate_for_jobs` (tests)."""
     from handsonvlm.model import CONFIG_FILE, WEIGHTS_FILE
 
     cfg: EvalConfig = args.eval
     model_dir = str(Path(args.model).absolute())
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (Path(model_dir) / name).is_file():
-            raise EvalError(f"{args.model} is not an exported HandsOnVLM model (no {name})")
-    model_cfg = ModelConfig.from_dict(json.loads((Path(model_dir) / CONFIG_FILE).read_text()))
+    model_cfg = read_model_config(check_export(model_dir, (CONFIG_FILE, WEIGHTS_FILE)))  # ModelLoadError: usage
     if model_cfg.num_future_points != NUM_FUTURE_POINTS:
         raise EvalError(f"the model predicts {model_cfg.num_future_points} points; the shards hold {NUM_FUTURE_POINTS}")
-    data = storage.join(args.data) if storage.is_local(args.data) else args.data  # an absolute path, or the URI
+    data = common.absolute_uri(args.data)
     rows, where = read_clips(layout.samples_dir(data, cfg.split))
     if not rows:
         raise EvalError(f"no sample shards under {layout.samples_dir(data, cfg.split)}")
     rows = rows[:cfg.limit] if cfg.limit else rows
     clips = {r["sample_id"]: r for r in rows}
-    jobs = build_jobs(rows, model_cfg, cfg.tasks, cfg.seed, cfg.shuffle_questions)
+    jobs = evaluation.build_jobs(rows, model_cfg, cfg.tasks, cfg.seed, cfg.shuffle_questions)
     K = cfg.num_samples
     run_name = args.run_name or f"eval-{Path(model_dir).name}-{cfg.split}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"[eval] {run_name}: {len(rows)} clips, {len(jobs)} prompts ({', '.join(cfg.tasks)}), K={K}", flush=True)
 
-    preds = reconcile(jobs, predict(jobs, where, model_dir, cfg, generate_fn), K) if jobs else []
-    metrics = metrics_from_rows(preds, clips, K, cfg.tasks)
+    preds = evaluation.reconcile(jobs, predict(jobs, where, model_dir, cfg, generate_fn), K) if jobs else []
+    metrics = evaluation.metrics_from_rows(preds, clips, K, cfg.tasks)
 
     out_dir = Path(layout.eval_dir(data if storage.is_local(data) else URI_OUTPUT_ROOT, run_name))
     out_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(predictions_table(preds, clips, K), out_dir / "predictions.parquet")
+    pq.write_table(pa.Table.from_pylist(evaluation.output_rows(preds, clips, K), schema=PREDICTIONS_SCHEMA),
+                   out_dir / PREDICTIONS_FILE)
     gallery = write_gallery(preds, clips, where, K, cfg.gallery, cfg.tasks, out_dir) if cfg.gallery > 0 else []
     params = {"model": model_dir, "data": data, "model_mode": model_cfg.mode, "config": str(args.config),
               **{key: str(value) for key, value in cfg.to_dict().items()}}  # the EvalConfig's fields
 
-    run_id, train_link = None, None
+    run_id, link = None, {}
     if not args.no_mlflow:
         mlflow_client = tracking.client()
         exp_id = tracking.experiment_id(mlflow_client)
-        train_link = find_training_run(mlflow_client, exp_id, model_dir)
-        tags = {"stage": "eval", "git_commit": tracking.git_commit() or "unknown", "model_path": model_dir}
-        if train_link:
-            tags.update(train_run_id=train_link[0], train_run_name=train_link[1])
+        link = training_link(mlflow_client, exp_id, model_dir)
+        tags = {"stage": "eval", "git_commit": tracking.git_commit() or "unknown", "model_path": model_dir, **link}
         run_id, _ = tracking.start_run(mlflow_client, exp_id, run_name, params, tags)
-    summary = {"run_name": run_name, "mlflow_run_id": run_id, "train_run": list(train_link) if train_link else None,
+    summary = {"run_name": run_name, "mlflow_run_id": run_id, "train_run": list(link.values()) or None,
                "params": params, "metrics": {k: (v if math.isfinite(v) else None) for k, v in sorted(metrics.items())},
-               "predictions": str(out_dir / "predictions.parquet"), "gallery": gallery}
+               "predictions": str(out_dir / PREDICTIONS_FILE), "gallery": gallery}
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     if run_id:
         from mlflow.entities import Metric
 
         ok = False
         try:
-            items = [Metric(k, float(v), int(time.time() * 1000), 0) for k, v in sorted(metrics.items())]
+            now = int(time.time() * 1000)
+            items = [Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())]
             for start in range(0, len(items), MLFLOW_METRICS_PER_BATCH):
                 mlflow_client.log_batch(run_id, metrics=items[start:start + MLFLOW_METRICS_PER_BATCH])
             mlflow_client.log_artifacts(run_id, str(out_dir))
@@ -351,7 +277,7 @@ def run(args: argparse.Namespace, generate_fn=None) -> dict:
         finally:
             tracking.finish_run(mlflow_client, run_id, ok)
 
-    print(summary_table(metrics, cfg.tasks), flush=True)
+    print(evaluation.summary_table(metrics, cfg.tasks), flush=True)
     print(f"[eval] outputs: {out_dir}", flush=True)
     if run_id:
         print(f"[eval] MLflow run {run_id} at {tracking.tracking_uri()}", flush=True)
@@ -360,11 +286,11 @@ def run(args: argparse.Namespace, generate_fn=None) -> dict:
 
 def main(argv=None, generate_fn=None) -> int:
     args = parse_args(argv)
-    setup_logging()
-    init_ray(args.ray_address, args.num_cpus, DEFAULT_OBJECT_STORE_BYTES)
+    common.setup_logging()
+    common.init_ray(args.ray_address, args.num_cpus, common.DEFAULT_OBJECT_STORE_BYTES)
     try:
         run(args, generate_fn=generate_fn)
-    except EvalError as exc:
+    except (EvalError, ModelLoadError) as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     return 0

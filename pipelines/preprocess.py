@@ -23,26 +23,31 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a bare checkout / job working_dir
 
-from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, init_ray, setup_logging  # noqa: E402
-from preprocessing import storage  # noqa: E402
-from preprocessing.epic import SPLIT_FILES  # noqa: E402
-from preprocessing.features import DEFAULT_FEATURE_DTYPE, FEATURE_DTYPES, feature_key, run_features_stage  # noqa: E402
-from preprocessing.index import IndexConfig  # noqa: E402
-from preprocessing.samples import MediaConfig  # noqa: E402
-from preprocessing.stages import run_index_stage, run_samples_stage  # noqa: E402
-from preprocessing.window import FPS_CONVENTIONS  # noqa: E402
+from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, init_ray, setup_logging
+from preprocessing import layout, storage
+from preprocessing.epic import SPLIT_FILES
+from preprocessing.features import DEFAULT_FEATURE_DTYPE, FEATURE_DTYPES, feature_key, run_features_stage
+from preprocessing.index import IndexConfig
+from preprocessing.samples import MediaConfig
+from preprocessing.stages import DEFAULT_SHARD_SIZE, run_index_stage, run_samples_stage
+from preprocessing.window import FPS_CONVENTIONS
+
+STAGES = ("index", "samples", "all", "features")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--epic-root", help="EPIC-KITCHENS root holding PXX/videos/*.MP4 and/or PXX/rgb_frames/<vid>/")
-    p.add_argument("--annotations", help="directory with EPIC_100_{train,validation}.csv and EPIC_100_video_info.csv")
+    p.add_argument("--epic-root",
+                   help="EPIC-KITCHENS root holding PXX/videos/*.MP4 and/or PXX/rgb_frames/<vid>/")
+    p.add_argument("--annotations",
+                   help="directory with EPIC_100_{train,validation}.csv and EPIC_100_video_info.csv")
     p.add_argument("--out", required=True, help="output root (local path or URI)")
     p.add_argument("--splits", default="train,validation", help="comma-separated subset of " + ",".join(SPLIT_FILES))
-    p.add_argument("--stage", choices=("index", "samples", "all", "features"), default="all",
+    p.add_argument("--stage", choices=STAGES, default="all",
                    help="all = index + samples; features (needs --model-config) runs after samples")
-    p.add_argument("--questions", help="directory with ek100_questions.json, ek100_questions_val.json, rephrase_ek100.json")
+    p.add_argument("--questions",
+                   help="directory with ek100_questions.json, ek100_questions_val.json, rephrase_ek100.json")
     p.add_argument("--labels", help="hoi-forecast data/ek100 directory (video_info.json, labels/label_<uid>.pkl "
                                     "or labels/ek100_<split>_labels.npy)")
     p.add_argument("--csv", action="append", default=[], metavar="SPLIT=FILE",
@@ -50,10 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fps-convention", choices=FPS_CONVENTIONS, default="hoi60",
                    help="hoi60 reproduces hoi-forecast/HandsOnVLM frame indices (needed to use their labels "
                         "and questions); native uses 50 fps for extension videos")
-    p.add_argument("--frame-height", type=int, default=256,
+    p.add_argument("--frame-height", type=int, default=MediaConfig.frame_height,
                    help="stored frame height (EPIC rgb_frames are 256); 0 keeps the decoded resolution")
-    p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--shard-size", type=int, default=256, help="max actions per sample shard")
+    p.add_argument("--jpeg-quality", type=int, default=MediaConfig.jpeg_quality)
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="max actions per sample shard")
     p.add_argument("--unlabelled", choices=("skip", "keep"), default="skip",
                    help="keep writes actions without a trajectory label too (future_valid all false)")
     g = p.add_argument_group("features stage")
@@ -131,9 +136,9 @@ def main(argv=None) -> int:
         report["features"] = run_features_stage(args.out, args.splits, args.model_cfg, args.feature_dtype,
                                                 args.feature_actors, args.feature_gpus, args.feature_rows_per_call,
                                                 progress=not args.no_progress)
-        print(f"features: {storage.join(args.out, 'features', feature_key(args.model_cfg))}")
+        print(f"features: {layout.feature_root(args.out, feature_key(args.model_cfg))}")
     print(json.dumps(report, indent=2, sort_keys=True))
-    print(f"manifest: {storage.join(args.out, 'manifest.json')}")
+    print(f"manifest: {layout.manifest_path(args.out)}")
     return 0
 
 

@@ -29,15 +29,17 @@ TRAIN_FLAGS = ("data", "max_steps", "num_workers", "zero_stage")  # --data, --ma
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default="tiny", help="preset name in configs/ or a YAML path")
+    # no ArgumentDefaultsHelpFormatter: the train.* flags show their preset default themselves
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="tiny", help="preset name in configs/ or a YAML path (default: %(default)s)")
     p.add_argument("--run-name", help="Ray Train run name; the same name resumes (default: <preset>-<time>)")
     add_section_flags(p, TrainConfig.section, TrainConfig, TRAIN_FLAGS)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any preset key, e.g. train.lr=1e-3 or model.mode=release")
-    p.add_argument("--storage", default=DEFAULT_STORAGE, help="Ray Train storage path (checkpoints; local or URI)")
-    p.add_argument("--max-failures", type=int, default=0, help="worker-group restarts from the last checkpoint")
+    p.add_argument("--storage", default=DEFAULT_STORAGE,
+                   help="Ray Train storage path (checkpoints; local or URI; default: %(default)s)")
+    p.add_argument("--max-failures", type=int, default=0,
+                   help="worker-group restarts from the last checkpoint (default: %(default)s)")
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")

@@ -8,9 +8,9 @@ re-run with the same run name (or Ray Train restarting failed workers) resumes e
 (step, optimizer, schedule, position in the epoch, RNG) and adds one to ``train/restarts``. Rank 0
 logs to MLflow; at the end the model is exported with ``HandsOnVLM.save_pretrained``.
 
-Test-only fault hook (:class:`KillOnceAfterStep`): with ``HANDSONVLM_FAULT_KILL_AT_STEP=N`` and
-``HANDSONVLM_FAULT_MARKER=FILE`` set, the last rank SIGKILLs itself right after step N, once: it
-creates FILE first, and a restarted worker that finds FILE goes on. tests/test_reliability.py uses it.
+Test-only fault hook (:class:`KillOnceAfterStep`, for tests/test_reliability.py): with
+``HANDSONVLM_FAULT_KILL_AT_STEP=N`` and ``HANDSONVLM_FAULT_MARKER=FILE`` the last rank SIGKILLs
+itself right after step N, once (it creates FILE first; a restarted worker that finds FILE goes on).
 """
 
 from __future__ import annotations
@@ -22,11 +22,21 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
+import ray.train
 import torch
+import torch.distributed as dist
 
 from handsonvlm.config import CONFIG_DIR, ModelConfig, TrainConfig
-from handsonvlm.training import LOSS_PARTS, build_training, fixed_batch_loss, resolve_attn_implementation, rows_to_batch
+from handsonvlm.training import (
+    LOSS_PARTS,
+    TrainingParts,
+    build_training,
+    fixed_batch_loss,
+    resolve_attn_implementation,
+    rows_to_batch,
+)
 from pipelines.tracking import RESTARTS_METRIC, WorkerLogger
 from preprocessing.training_data import FeatureLookup, iter_rows, shard_rows
 
@@ -34,6 +44,8 @@ RANK_STATE = "rank_{rank}_state.pt"
 CKPT_TAG = "ckpt"
 FAULT_STEP_ENV = "HANDSONVLM_FAULT_KILL_AT_STEP"
 FAULT_MARKER_ENV = "HANDSONVLM_FAULT_MARKER"
+RANK_SEED_STRIDE = 1000  # rank r's CVAE noise is seeded seed * stride + r: one stream per rank and seed
+MIN_WINDOW_S = 1e-9  # a log window's duration floor: the first window may end within the clock's resolution
 
 
 def deepspeed_config(zero_stage: int, micro_batch: int, accumulation: int, world_size: int, bf16: bool,
@@ -105,9 +117,15 @@ class TrainRecipe:
     """One worker's training run: ``setup()``, ``restore()``, ``train()`` (``train_step()`` per
     micro-batch; ``log()``, ``checkpoint()`` and the step hooks at optimizer steps), ``export()``."""
 
-    def __init__(self, config: dict):
-        import ray.train
+    # set by setup()
+    parts: TrainingParts
+    engine: Any  # deepspeed.DeepSpeedEngine around parts.model (DeepSpeed is imported on the workers only)
+    generator: torch.Generator  # CVAE noise of the training steps, one stream per rank
+    features: FeatureLookup | None
+    fixed_batch: dict[str, torch.Tensor]
+    logger: WorkerLogger
 
+    def __init__(self, config: dict):
         ctx = ray.train.get_context()
         self.config = config
         self.rank, self.world, local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
@@ -126,6 +144,8 @@ class TrainRecipe:
         self.resumed = False
         self.last_metrics: dict[str, float] = {}
         self.step_hooks: list[StepHook] = []
+        # throughput since the last log line, and the ETA's reference point (set when train() starts)
+        self.window_samples, self.window_start, self.start_time, self.start_step = 0, 0.0, 0.0, 0
 
     def setup(self) -> None:
         """Model, optimizer and schedule wrapped by DeepSpeed; mixture, CVAE noise, fixed batch, logger, hooks."""
@@ -136,13 +156,12 @@ class TrainRecipe:
                                              and torch.cuda.is_bf16_supported())
         resolve_attn_implementation(self.model_cfg, self.use_cuda)
         self.parts = build_training(train, self.model_cfg, self.planned_steps)
-        self.model = self.parts.model
         ds_config = deepspeed_config(train.zero_stage, train.micro_batch_size, train.gradient_accumulation_steps,
                                      self.world, bf16, train.max_grad_norm)
         # DeepSpeed wraps the client optimizer and steps the client schedule inside engine.step()
-        self.engine, _, _, _ = deepspeed.initialize(model=self.model, optimizer=self.parts.optimizer,
+        self.engine, _, _, _ = deepspeed.initialize(model=self.parts.model, optimizer=self.parts.optimizer,
                                                     lr_scheduler=self.parts.scheduler, config=ds_config)
-        self.generator = torch.Generator(device=self.device).manual_seed(train.seed * 1000 + self.rank)
+        self.generator = torch.Generator(device=self.device).manual_seed(train.seed * RANK_SEED_STRIDE + self.rank)
         self.features = FeatureLookup(**self.plan["features"]) if self.plan.get("features") else None
         fixed_rows = shard_rows(self.plan["fixed_batch_file"], limit=train.micro_batch_size)
         self.fixed_batch, _ = self.batch(fixed_rows, 0)
@@ -155,15 +174,13 @@ class TrainRecipe:
             self.step_hooks.append(fault)
 
     def batch(self, rows: list[dict], epoch: int) -> tuple[dict, list[str]]:
-        return rows_to_batch(rows, self.model, self.parts.mixture, epoch, self.device, self.features)
+        return rows_to_batch(rows, self.parts.model, self.parts.mixture, epoch, self.device, self.features)
 
     def fixed_batch_loss(self) -> float:
         return fixed_batch_loss(self.engine.module, self.fixed_batch, forward=self.engine)
 
     def restore(self) -> None:
         """Resume from Ray Train's checkpoint if there is one, and record where the run starts."""
-        import ray.train
-
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             self.logger.log({"eval/fixed_batch_loss": self.fixed_batch_loss()}, 0)
@@ -224,30 +241,25 @@ class TrainRecipe:
 
     def log(self, out: dict[str, torch.Tensor], epoch: int) -> None:
         """The step's losses averaged over ranks, LR and throughput since the last log, to MLflow and stdout."""
-        import torch.distributed as dist
-
-        parts = torch.stack([out[k].detach().float() for k in LOSS_PARTS]).to(self.device)
-        dist.all_reduce(parts)
-        parts = (parts / self.world).tolist()
+        losses = torch.stack([out[k].detach().float() for k in LOSS_PARTS]).to(self.device)
+        dist.all_reduce(losses)
+        losses = (losses / self.world).tolist()
         now = time.perf_counter()
-        rate = self.window_samples / max(now - self.window_start, 1e-9)
+        rate = self.window_samples / max(now - self.window_start, MIN_WINDOW_S)
         self.window_samples, self.window_start = 0, now
         step = self.progress.step
-        self.last_metrics = {**{f"train/{k}": v for k, v in zip(LOSS_PARTS, parts)},
+        self.last_metrics = {**{f"train/{k}": v for k, v in zip(LOSS_PARTS, losses)},
                              "train/lr": self.parts.scheduler.get_last_lr()[0], "train/samples_per_s": rate,
                              "train/epoch": epoch}
         self.logger.log(self.last_metrics, step)
         if self.rank == 0:
             eta = (self.total_steps - step) * (now - self.start_time) / max(1, step - self.start_step)
-            print(f"[train] step {step}/{self.total_steps} | epoch {epoch} | loss {parts[0]:.4f} "
-                  f"(text {parts[1]:.4f}, traj {parts[2]:.4f}, kl {parts[3]:.2f}) | "
+            print(f"[train] step {step}/{self.total_steps} | epoch {epoch} | loss {losses[0]:.4f} "
+                  f"(text {losses[1]:.4f}, traj {losses[2]:.4f}, kl {losses[3]:.2f}) | "
                   f"{rate:.1f} samples/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
 
     def checkpoint(self) -> None:
         """Fixed-batch loss, then every rank saves its checkpoint and reports it with the last metrics."""
-        import ray.train
-        import torch.distributed as dist
-
         loss = self.fixed_batch_loss()
         p = self.progress
         self.logger.log({"eval/fixed_batch_loss": loss}, p.step)
@@ -261,12 +273,10 @@ class TrainRecipe:
     def export(self) -> None:
         """Gather the (possibly ZeRO-3-partitioned) weights and save the plain model from rank 0."""
         import deepspeed
-        import torch.distributed as dist
-
         export_path = self.config["export_path"]
         with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
             if self.rank == 0:
-                self.model.save_pretrained(export_path)
+                self.parts.model.save_pretrained(export_path)
                 print(f"[train] exported {export_path}", flush=True)
         dist.barrier()
 

@@ -138,9 +138,10 @@ def read_actions(uri: str, split: str, quarantine: Quarantine) -> tuple[pd.DataF
     if "all_nouns" in df.columns and "all_noun_classes" in df.columns:
         for i, (nouns_text, classes_text) in enumerate(zip(df["all_nouns"], df["all_noun_classes"])):
             nouns, classes = _parse_list_literal(nouns_text, str), _parse_list_literal(classes_text, int)
-            if nouns is None or classes is None or len(nouns) != len(classes):
-                if problems.iat[i] == "":
-                    problems.iat[i] = f"all_nouns/all_noun_classes are not matching list literals: {nouns_text!r} {classes_text!r}"
+            if (nouns is None or classes is None or len(nouns) != len(classes)) and problems.iat[i] == "":
+                problems.iat[i] = (
+                    f"all_nouns/all_noun_classes are not matching list literals: {nouns_text!r} {classes_text!r}"
+                )
             all_nouns[i], all_noun_classes[i] = nouns, classes
     out["all_nouns"] = all_nouns
     out["all_noun_classes"] = all_noun_classes

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from handsonvlm.constants import EPIC_FRAME_HEIGHT
 from preprocessing import layout, storage
 from preprocessing.media import FrameError, RgbFramesReader, VideoFileReader, decode_jpeg, locate_source
 from preprocessing.quarantine import Quarantine
@@ -23,16 +24,16 @@ from preprocessing.schema import INDEX_SCHEMA, SAMPLES_SCHEMA, tensor_array, ten
 from preprocessing.window import NUM_OBS_FRAMES
 
 
-
 @dataclass(frozen=True)
 class MediaConfig:
     epic_root: str
     out: str
-    frame_height: int = 256  # EPIC rgb_frames height; 0 keeps the decoded resolution
+    frame_height: int = EPIC_FRAME_HEIGHT  # 0 keeps the decoded resolution
     jpeg_quality: int = 90
 
     def fingerprint_salt(self) -> str:
-        return f"h={self.frame_height};q={self.jpeg_quality};schema={SAMPLES_SCHEMA.metadata[b'schema_version'].decode()}"
+        schema = SAMPLES_SCHEMA.metadata[b"schema_version"].decode()
+        return f"h={self.frame_height};q={self.jpeg_quality};schema={schema}"
 
 
 def table_to_ipc(table: pa.Table) -> bytes:
@@ -116,7 +117,8 @@ def process_shard(split: str, shard_id: str, rows_ipc: bytes, fingerprint: str, 
             if errors:
                 first = errors[0]
                 quarantine.add(narration_id, first.reason,
-                               f"{len(errors)} of {NUM_OBS_FRAMES} observation frames unreadable; first: {first.detail}",
+                               f"{len(errors)} of {NUM_OBS_FRAMES} observation frames unreadable; "
+                               f"first: {first.detail}",
                                split=split, video_id=video_id)
                 continue
             jpegs[i] = [frames[int(n)] for n in obs_idx[i]]
@@ -128,8 +130,10 @@ def process_shard(split: str, shard_id: str, rows_ipc: bytes, fingerprint: str, 
         first_frame = decode_jpeg(jpegs[keep][0, -1])
         height, width = (np.full(kept.num_rows, s, np.int16) for s in first_frame.shape[:2])
     table = kept.select([f.name for f in INDEX_SCHEMA])
-    table = table.append_column(SAMPLES_SCHEMA.field("obs_jpeg"), tensor_array(jpegs[keep].reshape(-1, NUM_OBS_FRAMES), pa.binary()))
-    table = table.append_column(SAMPLES_SCHEMA.field("frame_source"), pa.array([reader_kind] * kept.num_rows, pa.string()))
+    obs_jpeg = tensor_array(jpegs[keep].reshape(-1, NUM_OBS_FRAMES), pa.binary())
+    table = table.append_column(SAMPLES_SCHEMA.field("obs_jpeg"), obs_jpeg)
+    frame_source = pa.array([reader_kind] * kept.num_rows, pa.string())
+    table = table.append_column(SAMPLES_SCHEMA.field("frame_source"), frame_source)
     table = table.append_column(SAMPLES_SCHEMA.field("image_width"), pa.array(width, pa.int16()))
     table = table.append_column(SAMPLES_SCHEMA.field("image_height"), pa.array(height, pa.int16()))
     table = table.cast(SAMPLES_SCHEMA)

@@ -1,13 +1,7 @@
 """The preprocessing stages as Ray jobs: ``index`` (annotations -> action table) and ``samples``
 (index + media -> self-contained training shards), with the quarantine and ``manifest.json``.
 
-Output layout under ``OUT`` (local path or URI), documented in docs/DATA.md::
-
-    index/<split>/part-00000.parquet        INDEX_SCHEMA, one row per observable action
-    samples/<split>/<video_id>-<k>.parquet  SAMPLES_SCHEMA, shards of <= shard_size actions
-    quarantine/*.parquet                    QUARANTINE_SCHEMA, every rejected item with a reason
-    _state/samples/<split>/<shard>.json     done markers (fingerprint + counts) for resumption
-    manifest.json                           counts per split and stage
+Where each output lives: :mod:`preprocessing.layout`; schemas and guarantees: docs/DATA.md.
 """
 
 from __future__ import annotations
@@ -37,13 +31,16 @@ from preprocessing.samples import (
 from preprocessing.schema import SCHEMA_VERSION
 
 log = logging.getLogger(__name__)
+DEFAULT_SHARD_SIZE = 256  # actions per sample shard (~50 MB of 456x256 JPEGs): one Ray Data task each
 
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def update_manifest(out: str, stage: str, config: dict, split_stats: dict[str, dict], extra: dict | None = None) -> dict:
+def update_manifest(
+    out: str, stage: str, config: dict, split_stats: dict[str, dict], extra: dict | None = None
+) -> dict:
     """Merge one stage's counts into ``OUT/manifest.json`` (read-modify-write in the driver)."""
     uri = layout.manifest_path(out)
     manifest = storage.read_json(uri) if storage.exists(uri) else {"schema_version": SCHEMA_VERSION, "splits": {}}
@@ -125,7 +122,7 @@ def _process_shard_row(row: dict, media: MediaConfig) -> dict:
     return {"split": summary["split"], "shard_id": summary["shard_id"], "summary": json.dumps(summary, sort_keys=True)}
 
 
-def run_samples_stage(out: str, splits: tuple[str, ...], media: MediaConfig, shard_size: int = 256,
+def run_samples_stage(out: str, splits: tuple[str, ...], media: MediaConfig, shard_size: int = DEFAULT_SHARD_SIZE,
                       unlabelled: str = "skip", progress: bool = True) -> dict:
     """Decode the observation frames of every indexed action into sample shards with Ray Data."""
     import ray

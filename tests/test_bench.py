@@ -10,13 +10,12 @@ import math
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT))  # bench/ is a directory of scripts, not an installed package
 
-from bench import run as bench_run  # noqa: E402
-from bench.targets import TARGETS  # noqa: E402
+from bench import run as bench_run
+from bench.targets import TARGETS
 
 pytestmark = pytest.mark.ray
 

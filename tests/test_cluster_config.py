@@ -30,11 +30,10 @@ from unittest import mock
 
 import pytest
 import yaml
-
 from conftest import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "cluster"))
-import render_config  # noqa: E402
+import render_config
 
 CLUSTER_DIR = REPO_ROOT / "cluster"
 KUBERAY_DIR = CLUSTER_DIR / "kuberay"
@@ -181,7 +180,8 @@ def test_every_placeholder_has_a_sample_and_is_documented():
 # --------------------------------------------------------------------------- KubeRay
 
 def kuberay_documents() -> dict[str, list[dict]]:
-    return {path.name: [d for d in yaml.safe_load_all(rendered(path)) if d] for path in sorted(KUBERAY_DIR.glob("*.yaml"))}
+    return {path.name: [d for d in yaml.safe_load_all(rendered(path)) if d]
+            for path in sorted(KUBERAY_DIR.glob("*.yaml"))}
 
 
 def pod_specs(cluster_spec: dict) -> list[dict]:
@@ -263,7 +263,8 @@ def test_kuberay_manifests_are_well_formed():
     assert (cluster["apiVersion"], cluster["kind"]) == ("ray.io/v1", "RayCluster")
     check_ray_cluster_spec(cluster["spec"], "raycluster.yaml")
     assert cluster["spec"]["enableInTreeAutoscaling"] is True
-    head_env = {e["name"]: e["value"] for e in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    head_container = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head_env = {e["name"]: e["value"] for e in head_container["env"]}
     assert head_env["MLFLOW_TRACKING_URI"] == tracking_uri
 
     stages = {}
@@ -442,7 +443,8 @@ CREDENTIAL_PATTERNS = {
     "literal password/secret/token value": re.compile(
         r"\b(?:password|passwd|secret|api[_-]?key|access[_-]?key|auth[_-]?token|token)\b\s*[:=]\s*"
         r"(?![\s'\"]*(?:\$|\{|<|\.\.\.|$))['\"]?[A-Za-z0-9+/_\-]{6,}", re.I),
-    "GitHub/Slack/OpenAI-style token": re.compile(r"\b(?:ghp_[A-Za-z0-9]{20,}|xox[abp]-[A-Za-z0-9-]{10,}|sk-[A-Za-z0-9]{20,})"),
+    "GitHub/Slack/OpenAI-style token": re.compile(
+        r"\b(?:ghp_[A-Za-z0-9]{20,}|xox[abp]-[A-Za-z0-9-]{10,}|sk-[A-Za-z0-9]{20,})"),
 }
 
 
@@ -465,6 +467,7 @@ def test_the_credential_scan_catches_planted_secrets():
 
 
 def test_no_credentials_in_cluster_files():
-    files = [RAY_CLUSTER_YAML, CLUSTER_DOC, *(p for p in CLUSTER_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts)]
+    cluster_files = (p for p in CLUSTER_DIR.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    files = [RAY_CLUSTER_YAML, CLUSTER_DOC, *cluster_files]
     findings = {str(p.relative_to(REPO_ROOT)): credential_findings(p.read_text()) for p in files}
     assert not {k: v for k, v in findings.items() if v}

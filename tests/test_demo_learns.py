@@ -40,13 +40,17 @@ def test_make_demo_learns_the_task_and_reads_the_question(tmp_path):
     metrics = summary["metrics"]
     lines = []
     for task in ("vhp", "rbhp"):
-        m = lambda key: metrics[f"{task}/{key}"]  # noqa: E731
+        def m(key, task=task):
+            return metrics[f"{task}/{key}"]
+
         lines.append(f"{task}: ade {m('ade'):.4f} = {m('ade_over_constant_velocity'):.2f}x constant velocity "
                      f"({m('baseline_constant_velocity/ade'):.4f}); shuffled {m('shuffled/ade'):.4f} = "
                      f"{m('shuffled_over_true_ade'):.2f}x; coverage {m('coverage'):.3f}; clips {int(m('n_clips'))}")
     print("\n" + "\n".join(lines))
     for task in ("vhp", "rbhp"):
-        m = lambda key: metrics[f"{task}/{key}"]  # noqa: E731
+        def m(key, task=task):
+            return metrics[f"{task}/{key}"]
+
         assert m("n_clips") >= 50 and m("coverage") >= 0.95, lines
         assert m("ade_over_constant_velocity") <= MAX_ADE_OVER_CV, lines
         assert m("shuffled_over_true_ade") >= MIN_SHUFFLED_OVER_TRUE, lines

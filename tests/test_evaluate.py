@@ -1,4 +1,5 @@
-"""The evaluation job end to end on SynthKitchens with a tiny model, on a local Ray."""
+"""pipelines/evaluate.py: its settings (no Ray) and the job end to end on SynthKitchens with a tiny
+model, on a local Ray. The metric policy itself: tests/test_evaluation.py."""
 
 from __future__ import annotations
 
@@ -10,8 +11,6 @@ import pytest
 import torch
 
 from pipelines import evaluate
-
-pytestmark = pytest.mark.ray
 
 LIMIT = 6
 
@@ -27,73 +26,38 @@ def model_dir(tmp_path_factory):
     return directory
 
 
-def test_derangement_has_no_fixed_points():
-    for n in (2, 3, 7):
-        perm = evaluate.derangement(n, np.random.default_rng(n))
-        assert sorted(perm.tolist()) == list(range(n)) and not (perm == np.arange(n)).any()
+def _exported(directory, name: str):
+    """A directory that looks like an export of a model named ``name`` (its config only)."""
+    from handsonvlm.model import CONFIG_FILE
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps({"name": name}))
+    return str(directory)
 
 
-def test_missing_points_fall_back_to_the_last_position():
-    fh = np.random.default_rng(0).random((2, 2, 5, 2))
-    pred = np.full((2, 3, 2, 4, 2), np.nan)
-    pred[0, 0] = 0.5
-    filled = evaluate.fill_missing(pred, fh)
-    assert np.isfinite(filled).all() and (filled[0, 0] == 0.5).all()
-    np.testing.assert_allclose(filled[1, 2, :, 3], fh[1, :, 0])
+def test_flags_override_the_preset_and_set(tmp_path):
+    args = evaluate.parse_args(["--model", _exported(tmp_path / "m", "tiny"), "--data", "d", "--set", "eval.seed=3",
+                                "--set", "eval.batch_size=2", "--seed", "5", "--task", "vhp", "--shuffle-questions"])
+    assert args.config == "tiny" and args.eval.tasks == ("vhp",)
+    assert (args.eval.seed, args.eval.batch_size, args.eval.shuffle_questions) == (5, 2, True)  # flags win over --set
+    assert (args.eval.num_samples, args.eval.max_new_tokens, args.eval.limit) == (1, 64, None)  # the preset's eval:
 
 
-def test_metrics_policies_on_synthetic_predictions():
-    from handsonvlm.metrics import trajectory_metrics
-
-    rng = np.random.default_rng(1)
-    N, K = 5, 3
-    fh = rng.random((N, 2, 5, 2)) * 0.9
-    clips = {f"c{n}": {"future_hands": fh[n], "future_valid": np.array([True, n % 2 == 0])} for n in range(N)}
-    pred = rng.random((N, K, 2, 4, 2)) * 0.9
-    complete = np.ones((N, K), bool)
-    preds = [{"sample_id": f"c{n}", "trajectories": pred[n].reshape(-1).tolist(), "complete": complete[n].tolist(),
-              "error": ""} for n in range(N)]
-    full = evaluate.variant_metrics(preds, clips, K)
-    expected = trajectory_metrics(pred, fh[:, :, 1:], np.stack([c["future_valid"] for c in clips.values()]))
-    for key, value in expected.items():  # all complete: both policies equal the plain metrics
-        np.testing.assert_allclose(full[key], value, rtol=1e-9)
-        np.testing.assert_allclose(full[f"complete_only/{key}"], value, rtol=1e-9)
-    assert full["coverage"] == 1.0 and full["n_failed"] == 0
-
-    pred[0, 1:] = np.nan  # clip 0: one complete sample; clip 1: none (failed)
-    pred[1] = np.nan
-    pred[1, 0, :, :2] = 0.3  # an incomplete sample with 2 points
-    complete[0, 1:] = complete[1] = False
-    preds = [{**p, "trajectories": pred[n].reshape(-1).tolist(), "complete": complete[n].tolist()}
-             for n, p in enumerate(preds)]
-    preds[2]["error"] = "RuntimeError: boom"
-    preds[2]["trajectories"] = [float("nan")] * (K * 16)
-    preds[2]["complete"] = [False] * K
-    part = evaluate.variant_metrics(preds, clips, K)
-    assert part["n_failed"] == 2 and part["n_errors"] == 1 and part["complete_only/n_clips"] == 3
-    np.testing.assert_allclose(part["coverage"], (1 / 3 + 0 + 0 + 1 + 1) / 5)
-    assert part["coverage_all_k"] == 2 / 5 and np.isfinite(part["ade"])
-    kept = [0, 3, 4]
-    ade0 = trajectory_metrics(pred[0, :1][None], fh[:1, :, 1:], clips["c0"]["future_valid"][None])
-    rest = trajectory_metrics(pred[3:], fh[3:, :, 1:], np.stack([clips[f"c{n}"]["future_valid"] for n in (3, 4)]))
-    weight = ade0["n_traj"] + rest["n_traj"]
-    np.testing.assert_allclose(part["complete_only/ade"],
-                               (ade0["ade"] * ade0["n_traj"] + rest["ade"] * rest["n_traj"]) / weight)
-    assert part["complete_only/n_valid"] == sum(clips[f"c{n}"]["future_valid"].sum() for n in kept)
+@pytest.mark.parametrize("bad", [["--temperature", "-1"], ["--top-p", "0"], ["--limit", "0"], ["--config", "nope"],
+                                 ["--set", "eval.unknown=1"], ["--set", "model.mode=release"]])
+def test_bad_settings_are_usage_errors(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.parse_args(["--model", "m", "--data", "d", *bad])
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
 
 
-def test_learning_ratios_and_table():
-    metrics = {"vhp/ade": 0.06, "vhp/baseline_constant_velocity/ade": 0.1, "vhp/shuffled/ade": 0.15,
-               "vhp/n_clips": 4.0, "vhp/coverage": 1.0,
-               "rbhp/ade": 0.05, "rbhp/baseline_constant_velocity/ade": 0.0}  # no shuffled, degenerate baseline
-    vhp = evaluate.learning_ratios(metrics, "vhp")
-    assert vhp == {"vhp/ade_over_constant_velocity": pytest.approx(0.6), "vhp/shuffled_over_true_ade": pytest.approx(2.5)}
-    assert evaluate.learning_ratios(metrics, "rbhp") == {}
-    table = evaluate.summary_table({**metrics, **vhp}, ("vhp", "rbhp"), ["constant_velocity"]).splitlines()
-    assert table[0].endswith("ade / cv | shuffled / true")
-    assert table[2].endswith("0.60x | 2.50x") and table[3].endswith("- | -")
+def test_the_default_preset_is_the_models(tmp_path):
+    assert evaluate.parse_args(["--model", _exported(tmp_path / "a", "vicuna-7b"), "--data", "d"]).config == "vicuna-7b"
+    for model in (_exported(tmp_path / "b", "my-own-model"), str(tmp_path / "missing")):
+        assert evaluate.parse_args(["--model", model, "--data", "d"]).config == "tiny"
 
 
+@pytest.mark.ray
 def test_evaluation_job(synth_data, model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     rows, _ = evaluate.read_clips(str(synth_data / "samples" / "train"))
@@ -111,7 +75,7 @@ def test_evaluation_job(synth_data, model_dir, tmp_path, monkeypatch):
         if any(job["sample_id"] == bad for job in jobs):
             raise RuntimeError(f"injected failure for {bad}")
         if len(jobs) == 1 and jobs[0]["sample_id"] == good:  # a complete answer, as a trained model gives
-            k = settings["num_samples"]
+            k = settings.num_samples
             return [{"answers": ["<hand_traj>" * 4] * k, "trajectories": np.full((k, 2, 4, 2), 0.5),
                      "complete": np.ones(k, bool), "hand_counts": np.full(k, 4)}]
         return evaluate.generate_for_jobs(model, jobs, frames, settings)
@@ -126,6 +90,7 @@ def test_evaluation_job(synth_data, model_dir, tmp_path, monkeypatch):
     m, params = run.data.metrics, run.data.params
     assert run.info.status == "FINISHED"
     assert params["num_samples"] == "2" and params["limit"] == str(LIMIT) and params["task"] == "both"
+    assert params["config"] == "tiny" and params["max_new_tokens"] == "16" and params["shuffle_questions"] == "True"
     for key in ("vhp/ade", "vhp/fde", "vhp/wde", "vhp/min_ade", "vhp/complete_only/ade", "vhp/coverage",
                 "vhp/shuffled/coverage", "vhp/shuffled/ade", "rbhp/n_clips", "rbhp/coverage"):
         assert key in m, key

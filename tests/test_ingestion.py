@@ -54,7 +54,8 @@ def test_bad_rows_are_quarantined_and_good_rows_kept(tmp_path):
         "P01_11_13,P01,P01_11,,00:00:53.00,00:00:54.00,abc,3300,open tap,open,3,tap,0,['tap'],[0]\n",
         "P01_11_14,P01,P01_11,,00:00:55.00,00:00:56.00,3300,3360,open tap,open,3,tap,0,\"['tap'\",[0]\n",
         GOOD,  # duplicate id
-        "P01_11_15,P01,P01_11,,00:00:57.00,00:00:58.00,3420,3480,öffne den Kühlschrank ☃,open,3,fridge,12,['fridge'],[12]\n",
+        ("P01_11_15,P01,P01_11,,00:00:57.00,00:00:58.00,3420,3480,"
+         "öffne den Kühlschrank ☃,open,3,fridge,12,['fridge'],[12]\n"),
         "P02_11_16,P01,P01_11,,00:00:59.00,00:01:00.00,3540,3600,open tap,open,3,tap,0,['tap'],[0]\n",
     ]
     q = Quarantine("index")
@@ -78,7 +79,8 @@ def test_missing_columns_and_unreadable_files(tmp_path):
                                       "P01_02,10.0,59.94,1920x1080\n"), q)
     assert list(info.index) == ["P01_02"] and q.rows[-1].reason == "bad_video_info"
     # invalid UTF-8 bytes are replaced and the row quarantined, not the file
-    raw = (HEADER + GOOD).encode() + b"P01_11_20,P01,P01_11,,00:00:58.00,00:00:59.00,3480,3540,\xff\xfe,open,3,tap,0,['tap'],[0]\n"
+    raw = (HEADER + GOOD).encode() + (b"P01_11_20,P01,P01_11,,00:00:58.00,00:00:59.00,3480,3540,"
+                                      b"\xff\xfe,open,3,tap,0,['tap'],[0]\n")
     actions, _ = epic.read_actions(write(tmp_path, "c.csv", raw), "train", q)
     assert actions.narration_id.tolist() == ["P01_11_10"] and q.rows[-1].item == "P01_11_20"
 
@@ -93,7 +95,8 @@ def test_question_strings_and_files(tmp_path):
     q = Quarantine("index")
     assert list(load_questions(path, q, "train")) == ["a"]
     assert sorted(r.item for r in q.rows) == ["b", "c", "d"] and {r.reason for r in q.rows} == {"malformed_question"}
-    assert load_questions(write(tmp_path, "bad.json", "{not json"), q) == {} and q.rows[-1].reason == "malformed_question"
+    assert (load_questions(write(tmp_path, "bad.json", "{not json"), q) == {}
+            and q.rows[-1].reason == "malformed_question")
 
 
 def test_real_language_assets():
@@ -153,7 +156,8 @@ def label_dict(first_frame=2889, right=True, left=False, nan=False):
 def test_label_pickle_to_targets():
     targets = targets_from_label_pickle(label_dict(right=True, left=False))
     assert targets.future_hands.shape == (2, 5, 2) and targets.future_valid.tolist() == [True, False]
-    np.testing.assert_allclose(targets.future_hands[0, :, 0], (100 + 200 * np.array([0, .25, .5, .75, 1])) / 456, rtol=1e-6)
+    np.testing.assert_allclose(targets.future_hands[0, :, 0], (100 + 200 * np.array([0, .25, .5, .75, 1])) / 456,
+                               rtol=1e-6)
     np.testing.assert_allclose(targets.future_hands[1], [[0.25, 1.5]] * 5)  # missing LEFT placeholder
     np.testing.assert_allclose(targets.contact_points, [[0.5, 0.5]])
     assert targets.first_frame == 2889

@@ -22,7 +22,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO_ROOT
 
 pytestmark = pytest.mark.ray
@@ -69,7 +68,8 @@ def head_node(tmp_path):
     # The session's local Ray already holds the default agent ports: give this node free ones.
     agent_port, agent_grpc_port, metrics_port = free_ports(3)
     head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={GCS_PORT}",
-                             f"--dashboard-agent-listen-port={agent_port}", f"--dashboard-agent-grpc-port={agent_grpc_port}",
+                             f"--dashboard-agent-listen-port={agent_port}",
+                             f"--dashboard-agent-grpc-port={agent_grpc_port}",
                              f"--metrics-export-port={metrics_port}",
                              "--num-cpus=2", "--object-store-memory=1000000000", "--dashboard-host=127.0.0.1",
                              f"--dashboard-port={DASHBOARD_PORT}", "--disable-usage-stats", f"--temp-dir={temp_dir}"],
@@ -82,9 +82,9 @@ def head_node(tmp_path):
             try:
                 urllib.request.urlopen(f"{address}/api/version", timeout=2)
                 break
-            except OSError:
+            except OSError as exc:
                 if head.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"head node did not start: {head.stdout.read()[-2000:]}")
+                    raise RuntimeError(f"head node did not start: {head.stdout.read()[-2000:]}") from exc
                 time.sleep(1)
         yield env, address
     finally:
@@ -109,7 +109,8 @@ def test_three_stages_submitted_as_ray_jobs(head_node, tmp_path):
     generate(str(tree), videos=3, actions_per_video=4, seed=0, workers=1)  # 2 train shards: one per worker
     # the entry points run unchanged on a cluster; only the job's runtime env says where MLflow is
     runtime_env = {"env_vars": {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "MLFLOW_TRACKING_URI": mlflow_uri}}
-    common = ["--address", address, "--working-dir", str(REPO_ROOT), "--runtime-env-json", json.dumps(runtime_env), "--"]
+    common = ["--address", address, "--working-dir", str(REPO_ROOT),
+              "--runtime-env-json", json.dumps(runtime_env), "--"]
     pre = submit(*common, "python", "pipelines/preprocess.py", *preprocess_source_args(tree), "--out", str(data),
                  "--no-progress", env=env, timeout=300)
     assert pre.returncode == 0, pre.stdout[-3000:] + pre.stderr[-3000:]

@@ -101,7 +101,8 @@ def test_draws_do_not_depend_on_python_hash_seed(cfg):
     script = ("import json; from handsonvlm.config import load_model_config; from handsonvlm.mixture import Mixture\n"
               "cfg = load_model_config('tiny'); mix = Mixture.from_config({'seed': 5}, cfg)\n"
               "rows = [{'sample_id': f'P01_01_{i}', 'narration': 'take cup', 'noun': 'cup',\n"
-              "         'narration_paraphrases': ['grab the mug'], 'rbhp_questions': ['Where to drink?']} for i in range(30)]\n"
+              "         'narration_paraphrases': ['grab the mug'], 'rbhp_questions': ['Where to drink?']}"
+              " for i in range(30)]\n"
               "print(json.dumps([mix.choose(r, 2) for r in rows]))\n")
     # one child process with a hash seed other than this process's (str hashes differ between them)
     hash_seed = "12345" if os.environ.get("PYTHONHASHSEED") != "12345" else "54321"
@@ -119,7 +120,9 @@ def test_draws_do_not_depend_on_python_hash_seed(cfg):
 
 def test_row_rng_is_a_function_of_its_inputs():
     assert stable_hash("P01_01_0") == stable_hash("P01_01_0") != stable_hash("P01_01_1")
-    draw = lambda *a: row_rng(*a).random(4).tolist()  # noqa: E731
+    def draw(*a):
+        return row_rng(*a).random(4).tolist()
+
     assert draw(0, 1, "x", "task") == draw(0, 1, "x", "task")
     assert draw(0, 1, "x", "task") != draw(0, 1, "x", "source:vhp")
     assert draw(0, 1, "x", "task") != draw(0, 2, "x", "task")

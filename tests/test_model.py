@@ -27,7 +27,8 @@ def make_batch(model, seed=0):
     size = model.vision.image_size
     examples = []
     for i, narration in enumerate(NARRATIONS):
-        turns = vhp_turns(narration, model.cfg) if i == 0 else rbhp_turns("Where should my hand go to pour oil?", model.cfg)
+        turns = (vhp_turns(narration, model.cfg) if i == 0
+                 else rbhp_turns("Where should my hand go to pour oil?", model.cfg))
         ids, labels = encode_conversation(model.tokenizer, turns, model.cfg)
         examples.append(Example(ids, labels, torch.randn(model.cfg.num_obs_frames, 3, size, size, generator=g),
                                 torch.rand(2, model.cfg.num_future_points, 2, generator=g),
@@ -76,7 +77,7 @@ def test_token_ids_come_from_the_tokenizer(model):
     assert model.lm.get_input_embeddings().num_embeddings == len(model.tokenizer)
     ids, labels = encode_conversation(model.tokenizer, vhp_turns("take cup", model.cfg), model.cfg)
     assert ids.count(IMAGE_PLACEHOLDER) == 1 and ids.count(model.tokens.hand) == 4
-    supervised = [i for i, l in zip(ids, labels) if l != IGNORE_INDEX]
+    supervised = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
     assert supervised[-1] == model.tokens.eos and supervised.count(model.tokens.hand) == 4
     assert "take cup" in model.tokenizer.decode(supervised)  # the answer names the action
 
@@ -140,7 +141,8 @@ def test_loss_components_and_text_loss_matches_transformers(model):
     torch.testing.assert_close(out["loss"].detach(), total)
     assert out["pred"].shape == (2, 2, 4, 2) and out["traj_loss"] > 0 and out["kl_loss"] > 0
     visual = model.visual_tokens(batch["frames"])
-    seq = model.embed_inputs(batch["input_ids"], batch["attention_mask"], visual, batch["future_hands"], batch["labels"])
+    seq = model.embed_inputs(batch["input_ids"], batch["attention_mask"], visual, batch["future_hands"],
+                             batch["labels"])
     reference = model.lm(inputs_embeds=seq["inputs_embeds"], attention_mask=seq["attention_mask"],
                          position_ids=seq["position_ids"], labels=seq["labels"]).loss
     torch.testing.assert_close(out["text_loss"], reference.detach(), rtol=1e-5, atol=1e-6)
@@ -228,7 +230,9 @@ def test_save_and_load_roundtrip(trained, tmp_path):
     model.save_pretrained(tmp_path / "export")
     loaded = HandsOnVLM.from_pretrained(tmp_path / "export")
     loaded.eval()
-    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    def g():
+        return torch.Generator().manual_seed(0)
+
     torch.testing.assert_close(loaded(**batch, generator=g())["loss"], model(**batch, generator=g())["loss"])
     assert loaded.tokens == model.tokens and not math.isnan(loaded.cfg.z_scale)
 
@@ -259,7 +263,9 @@ def test_released_checkpoint_layout_loads_into_the_model(tmp_path):
     untouched = load_release_weights(target, tmp_path)
     assert untouched and all(k.startswith("vision.") for k in untouched)
     batch = make_batch(source)
-    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    def g():
+        return torch.Generator().manual_seed(0)
+
     torch.testing.assert_close(target(**batch, generator=g())["loss"], source(**batch, generator=g())["loss"])
 
 

@@ -157,13 +157,13 @@ def corrupt_tree(tree):
     # 4: wrong fps in video_info
     info_path = tree / "annotations" / "EPIC_100_video_info.csv"
     info = info_path.read_text().splitlines()
-    info = [",".join([l.split(",")[0], l.split(",")[1], "59.94", l.split(",")[3]]) if l.startswith(vid[4] + ",") else l
-            for l in info]
+    info = [",".join([line.split(",")[0], line.split(",")[1], "59.94", line.split(",")[3]])
+            if line.startswith(vid[4] + ",") else line for line in info]
     # 5: video_info claims a longer video: an extra (unlabelled) action whose frames lie past the end
     duration5 = None
-    for i, l in enumerate(info):
-        if l.startswith(vid[5] + ","):
-            fields = l.split(",")
+    for i, line in enumerate(info):
+        if line.startswith(vid[5] + ","):
+            fields = line.split(",")
             duration5 = float(fields[1])
             fields[1] = str(duration5 + 60.0)
             info[i] = ",".join(fields)
@@ -182,7 +182,7 @@ def corrupt_tree(tree):
         f"{vid[5]}_900,{pid5},{vid[5]},,{ts(start)},{ts(start + 1)},{round(start * 60)},{round(start * 60) + 60},"
         f"take cup,take,0,cup,13,['cup'],[13]",
         f"{vid[5]}_901,{pid5},{vid[5]},,00:00:1x.00,00:00:12.00,600,700,take cup,take,0,cup,13,['cup'],[13]",
-        f"P99_01_0,P99,P99_01,,00:00:10.00,00:00:11.00,600,660,take cup,take,0,cup,13,['cup'],[13]",
+        "P99_01_0,P99,P99_01,,00:00:10.00,00:00:11.00,600,660,take cup,take,0,cup,13,['cup'],[13]",
     ]
     first_row = val_csv.read_text().splitlines()[1]
     val_csv.write_text(val_csv.read_text() + "\n".join(extra + [first_row]) + "\n")

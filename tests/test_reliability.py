@@ -9,6 +9,7 @@ docs/RELIABILITY.md describes the guarantees and quotes the numbers these tests 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -26,13 +27,13 @@ import pandas as pd
 import psutil
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import REPO_ROOT, isolated_env
+from test_train_job import metric_history
+
 from pipelines import preprocess
 from preprocessing import storage
 from preprocessing.quarantine import REASONS
 from synthkitchens.generate import generate, preprocess_source_args
-from test_train_job import metric_history
 
 SMALL_OBJECT_STORE = 80 * 1024 * 1024  # Ray's minimum is 75 MiB
 PREEMPT_SHARD_SIZE = 1  # one action per shard: many shards, so the job can be caught half-way
@@ -52,7 +53,7 @@ class IsolatedRun:
 
     def __init__(self, argv: list[str], log_path: Path, env: dict[str, str]):
         self.log_path = log_path
-        self.log = open(log_path, "w")
+        self.log = log_path.open("w")  # closed by close(), which every use reaches (context manager)
         self.started = time.perf_counter()
         self.proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -92,10 +93,8 @@ class IsolatedRun:
     def kill(self) -> None:
         """SIGKILL the process group this run leads, as a preemption would. Ray puts its workers in
         process groups of their own, so those are ended by PID in close()."""
-        try:
+        with contextlib.suppress(psutil.Error):
             self.pids.update(p.pid for p in psutil.Process(self.proc.pid).children(recursive=True))
-        except psutil.Error:
-            pass
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
         self.seconds = time.perf_counter() - self.started
@@ -495,7 +494,7 @@ def test_local_ray_serves_no_dashboard_beyond_loopback(ray_local):
         host = "127.0.0.1" if address.ip in ("0.0.0.0", "::") else address.ip
         try:
             body = urllib.request.urlopen(f"http://{host}:{address.port}/api/version", timeout=2).read(2000)
-        except Exception:  # noqa: BLE001 - gRPC and metrics ports answer errors or garbage to HTTP
+        except Exception:
             continue
         if b"ray_version" in body:
             dashboards.append(address)
@@ -560,14 +559,14 @@ def tokenless_evaluation(tmp_path_factory, ray_local, synth_data):
     def rambling(model, jobs, frames, settings):  # pickled by value into the Ray Data actors
         import torch as _torch
 
-        from pipelines import evaluate as _evaluate
+        from pipelines import evaluate as evaluate_job
 
         if not getattr(model, "_never_hand", False):
             banned = _torch.tensor([model.tokens.hand, model.tokens.eos])
             model.lm.lm_head.register_forward_hook(
                 lambda _m, _i, logits: logits.index_fill(-1, banned.to(logits.device), float("-inf")))
             model._never_hand = True
-        return _evaluate.generate_for_jobs(model, jobs, frames, settings)
+        return evaluate_job.generate_for_jobs(model, jobs, frames, settings)
 
     run_name = f"eval-tokenless-{uuid.uuid4().hex[:6]}"
     rc = evaluate.main(["--model", str(model_dir), "--data", str(synth_data), "--split", "train", "--task", "vhp",

@@ -17,7 +17,7 @@ def test_roundtrip_on_local_and_memory_filesystems(tmp_path):
         assert [u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(root, "t"), ".parquet")] == \
             ["p0.parquet", "p1.parquet"]
         assert storage.read_parquet_dir(storage.join(root, "absent")) is None
-        with storage.local_copy(uri) as path:
-            assert open(path).read().strip().startswith("{")
+        with storage.local_copy(uri) as path, open(path) as f:
+            assert f.read().strip().startswith("{")
     # atomic local writes leave no temporary files behind
     assert sorted(p.name for p in (tmp_path / "local" / "a").iterdir()) == ["b.json"]

@@ -65,7 +65,9 @@ def test_train_checkpoint_resume_export_and_mlflow(synth_data, tmp_path, mlflow_
     # the exported model loads without DeepSpeed or Ray
     model = HandsOnVLM.from_pretrained(tmp_path / "models" / name)
     assert isinstance(model, HandsOnVLM) and model.cfg.name == "tiny"
-    artifacts = {a.path for a in __import__("mlflow").tracking.MlflowClient(mlflow_uri).list_artifacts(run.info.run_id, "model")}
+    from mlflow.tracking import MlflowClient
+
+    artifacts = {a.path for a in MlflowClient(mlflow_uri).list_artifacts(run.info.run_id, "model")}
     assert "model/model.safetensors" in artifacts
 
 

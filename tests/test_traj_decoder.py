@@ -1,4 +1,4 @@
-"""Hand-token encoding/splitting and the trajectory decoders (spec 2.5-2.8)."""
+"""Hand-token encoding/splitting and the trajectory decoders."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def test_vectorised_matches_scalar_and_extension_fps():
     assert batch.shape == (4, 10) and batch.dtype == np.int32
     for s, row in zip(starts, batch):
         assert row.tolist() == observation_frame_indices(int(s)).tolist()
-    # hoi60 treats extension videos as 60 fps; native uses their real 50 fps (spec section 4)
+    # hoi60 treats extension videos as 60 fps; native uses their real 50 fps (docs/DATA.md, "Observation window")
     assert is_extension_video("P07_106") and not is_extension_video("P01_11")
     assert rgb_frames_fps("P07_106") == 50.0 and convention_fps("P07_106", "hoi60") == 60.0
     assert observation_frame_indices(1000, 60.0).tolist() == list(range(805, 941, 15))
@@ -52,7 +52,7 @@ def test_float32_rounding_is_reproduced():
     last = observation_frame_indices(starts)[:, -1]
     exact = starts - 60
     lower = last != exact
-    assert 0.005 < lower.mean() < 0.05  # ~1.7 % in the spec's simulation
+    assert 0.005 < lower.mean() < 0.05  # ~1.7 % of actions (docs/DATA.md, "Observation window")
     assert np.all(last[lower] == exact[lower] - 1)
 
 

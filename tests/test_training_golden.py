@@ -1,0 +1,95 @@
+"""Golden values of the training recipe: the tiny preset, five plain-PyTorch optimizer steps.
+
+``handsonvlm.training`` (build_training, rows_to_batch, plain_step, fixed_batch_loss) on fixed
+rows from a fixed seed must reproduce these numbers, so a change that reorders RNG draws, model
+or optimizer construction, data order or float ops shows up here in seconds, without Ray or
+DeepSpeed. The values were computed from the recipe before it moved out of pipelines/training.py.
+They change only on purpose, and the commit that changes them says why.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from handsonvlm.config import ModelConfig, TrainConfig, load_preset
+from handsonvlm.constants import NUM_FUTURE_POINTS, NUM_HANDS, NUM_OBS_FRAMES, POINT_DIM
+from handsonvlm.training import LOSS_PARTS, build_training, fixed_batch_loss, plain_step, rows_to_batch
+
+PRESET = "tiny"
+STEPS, BATCH = 5, 2  # the schedule spans exactly these steps: warm-up, then cosine decay to 0
+EPOCH = 0
+ROW_SEED = 0
+FRAME_HEIGHT, FRAME_WIDTH = 48, 80  # small noise frames; the tower resizes them to its own size
+RTOL = 1e-5  # torch on CPU with one thread is deterministic; this only absorbs float printing
+ACTIONS = [("take cup", "cup", "Where should my hand move to if I want to have a drink?"),
+           ("open drawer", "drawer", "How do I get to the cutlery?"),
+           ("wash plate", "plate", "Where do my hands go to clean the dish?")]
+
+GOLDEN_TASKS = [["vhp", "rbhp"], ["vhp", "vhp"], ["rbhp", "vhp"], ["vhp", "vhp"], ["vhp", "rbhp"]]
+GOLDEN_LOSSES = [  # loss, text_loss, traj_loss, kl_loss of each step (before that step's update)
+    (18.194379806518555, 7.014979362487793, 11.170194625854492, 9.206161499023438),
+    (13.347188949584961, 6.900646686553955, 6.436908721923828, 9.633651733398438),
+    (9.618108749389648, 6.766561508178711, 2.840346574783325, 11.200613975524902),
+    (8.469968795776367, 6.628671169281006, 1.8281842470169067, 13.113271713256836),
+    (9.542041778564453, 6.490083694458008, 3.0380704402923584, 13.888153076171875),
+]
+GOLDEN_FIXED_BATCH_LOSS = {"initial": 21.208839416503906, "final": 9.195615768432617}
+
+
+def golden_rows(count: int) -> list[dict]:
+    """Sample-shard rows (docs/DATA.md columns) with noise JPEG frames and random targets, seeded."""
+    rng = np.random.default_rng(ROW_SEED)
+    rows = []
+    for i in range(count):
+        narration, noun, question = ACTIONS[i % len(ACTIONS)]
+        frames = rng.integers(0, 256, (NUM_OBS_FRAMES, FRAME_HEIGHT, FRAME_WIDTH, 3), dtype=np.uint8)
+        # point 0 is the last observed position, then the future points
+        hands = rng.uniform(0.0, 1.0, (NUM_HANDS, NUM_FUTURE_POINTS + 1, POINT_DIM)).astype(np.float32)
+        rows.append({"sample_id": f"P01_01_{i}", "narration": narration, "narration_paraphrases": [f"{narration} now"],
+                     "noun": noun, "rbhp_questions": [question], "future_hands": hands.tolist(),
+                     "future_valid": [True, bool(i % 2)],
+                     "obs_jpeg": [cv2.imencode(".jpg", frame)[1].tobytes() for frame in frames]})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def golden_run() -> dict:
+    preset = load_preset(PRESET)
+    train, cfg = TrainConfig.from_dict(preset["train"]), ModelConfig.from_dict(preset["model"])
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: reductions in one order, bit-identical results
+    try:
+        with torch.random.fork_rng(devices=[]):  # build_training seeds the global RNG; leave it to the others
+            parts = build_training(train, cfg, STEPS)
+            generator = torch.Generator().manual_seed(train.seed)
+            device = torch.device("cpu")
+            rows = golden_rows(STEPS * BATCH)
+            fixed, _ = rows_to_batch(rows[:BATCH], parts.model, parts.mixture, EPOCH, device)
+            initial = fixed_batch_loss(parts.model, fixed)
+            losses, tasks = [], []
+            for step in range(STEPS):
+                batch, step_tasks = rows_to_batch(rows[step * BATCH:(step + 1) * BATCH], parts.model, parts.mixture,
+                                                  EPOCH, device)
+                out = plain_step(parts, batch, generator, train.max_grad_norm)
+                losses.append(tuple(float(out[k].detach()) for k in LOSS_PARTS))
+                tasks.append(step_tasks)
+            final = fixed_batch_loss(parts.model, fixed)
+    finally:
+        torch.set_num_threads(previous_threads)
+    return {"losses": losses, "tasks": tasks, "fixed": {"initial": initial, "final": final}}
+
+
+def test_the_mixture_draws_the_golden_tasks(golden_run):
+    assert golden_run["tasks"] == GOLDEN_TASKS
+
+
+def test_five_steps_reproduce_the_golden_losses(golden_run):
+    for step, (got, want) in enumerate(zip(golden_run["losses"], GOLDEN_LOSSES), start=1):
+        assert got == pytest.approx(want, rel=RTOL), f"step {step}"
+
+
+def test_fixed_batch_loss_before_and_after_training_is_golden(golden_run):
+    assert golden_run["fixed"] == pytest.approx(GOLDEN_FIXED_BATCH_LOSS, rel=RTOL)
