@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from bench.common import Sizes, compare, median
+from preprocessing import layout
 from preprocessing.index import IndexConfig
 from preprocessing.layout import index_path
 from preprocessing.samples import MediaConfig, process_shard, shard_fingerprint, table_to_ipc
@@ -54,10 +55,11 @@ def index_config(tree: Path) -> IndexConfig:
 
 def clear_samples(out: Path) -> None:
     """Remove sample shards, their done markers and quarantine files so the next run redoes every shard."""
-    shutil.rmtree(out / "samples", ignore_errors=True)
-    shutil.rmtree(out / "_state" / "samples", ignore_errors=True)
-    for path in (out / "quarantine").glob("samples-*.parquet"):
-        path.unlink()
+    for split in SPLITS:
+        shutil.rmtree(layout.samples_dir(out, split), ignore_errors=True)
+        shutil.rmtree(layout.samples_state_dir(out, split), ignore_errors=True)
+        for path in Path(layout.quarantine_dir(out)).glob(f"{layout.sample_quarantine_prefix(split)}*"):
+            path.unlink()
 
 
 def shard_specs(out: Path, media: MediaConfig, shard_size: int = 256) -> list[tuple]:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a sc
 
 from bench.common import FULL, QUICK, REPO_ROOT, TINY_TEST, Sizes, all_finite, machine_info, profile_top
 from bench.targets import TARGETS
+from preprocessing import layout
 
 for _key, _value in (("HF_HUB_OFFLINE", "1"), ("DS_ACCELERATOR", "cpu"), ("RAY_AUTH_MODE", "disabled"),
                      ("RAY_USAGE_STATS_ENABLED", "0"),
@@ -206,10 +207,10 @@ def main(argv=None) -> dict:
     section("preprocess", lambda: preprocess_bench.bench_preprocess(workdir, sizes, processes))
     data_root = workdir / "prep-ray"  # the Ray side's output: the training data of the later sections
     section("vision", lambda: vision_bench.bench_vision(sizes))
-    section("generate", lambda: generate_bench.bench_generate(data_root / "samples" / "train", sizes))
+    section("generate", lambda: generate_bench.bench_generate(Path(layout.samples_dir(data_root, "train")), sizes))
     section("train", lambda: train_bench.bench_train(data_root, workdir / "train", sizes, processes))
     profilers["train"] = lambda: train_bench.profile_plain_step(data_root, sizes, processes)
-    section("scaling", lambda: scaling_section(data_root / "samples" / "train"))
+    section("scaling", lambda: scaling_section(Path(layout.samples_dir(data_root, "train"))))
 
     results["summary"] = summarise(results)
     results["targets"] = check_targets(results["summary"])
