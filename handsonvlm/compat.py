@@ -1,68 +1,9 @@
 """Released HandsOnVLM checkpoint (``HandsOnVLMForCausalLM``) -> our ``HandsOnVLM`` module layout.
 
-Provenance: key names derived by reading ``Kami-code/HandsOnVLM-release`` at commit 89b7721:
-``handsonvlm/model/language_model/handsonvlm.py`` (``HandsOnVLMForCausalLM.__init__``),
-``handsonvlm/model/language_model/lita_llama_encoder.py`` (``self.model = LlavaLlamaModel``),
-``handsonvlm/model/language_model/lita_llama_hoi_encoder.py`` (``bbox_to_feature``, ``feat_fusion``,
-``downproject``), ``handsonvlm/model/language_model/traj_decoder.py`` (``CVAETrajDecoder`` holds the
-``TrajCVAE`` as ``.hand_traj_decoder``), ``hoi_forecast/architecture/traj_decoder.py`` (``TrajCVAE.cvae``,
-``TrajMLP.mlp``), ``hoi_forecast/architecture/decoder_modules.py`` (``VAE``: ``enc_MLP``,
-``linear_means``, ``linear_log_var``, ``dec_MLP``), ``llava/model/llava_arch.py`` (``vision_tower``,
-``mm_projector``), ``llava/model/multimodal_encoder/clip_encoder.py`` (``CLIPVisionTower.vision_tower``
-= HF ``CLIPVisionModel``), ``handsonvlm/model/builder.py`` and ``handsonvlm/train/train.py``.
-The released weights themselves (HF ``Kami-code/handsonvlm-7b``/``-13b``) were not available here.
-
-Who is in the released state dict. ``HandsOnVLMForCausalLM.__init__`` skips
-``LitaLlamaForCausalLM_hoi.__init__`` (so no ``oct_decoder``/``affordance_decoder``/``last_obs_*``)
-but runs ``LitaLlamaForCausalLM_hoi_encoder.__init__`` (so ``bbox_to_feature``, ``feat_fusion``,
-``downproject`` exist), then adds ``lm_head``, ``hand_traj_decoder``,
-``hand_traj_positional_embedding`` and the ``time_embedding`` parameter. ``added_modules`` is a plain
-Python list (no duplicate keys). ``train.py`` saves the whole model with ``trainer.save_model``, and
-``builder.py`` loads CLIP into the model first and then calls ``load_sharded_checkpoint(strict=True)``,
-so the released shards must also contain the frozen CLIP tower under
-``model.vision_tower.vision_tower.vision_model.*`` (an fp16 copy of ``openai/clip-vit-large-patch14``).
-By default we DROP it and load CLIP separately; ``include_vision=True`` maps it instead.
-
-Mapping rules (first match wins; D = hidden size, V = 32101, Dc = D/2, C = 1024 CLIP width):
-
-Released-key prefixes in the table: H = ``hand_traj_decoder.hand_traj_decoder.``,
-VT = ``model.vision_tower.vision_tower.vision_model.``.
-
-| released key                                             | ours                                | shape           |
-| -------------------------------------------------------- | ----------------------------------- | --------------- |
-| model.embed_tokens.weight                                | lm.model.embed_tokens.weight        | [V, D]          |
-| model.layers.{i}.self_attn.rotary_emb.inv_freq           | dropped (buffer, if saved)          | [head_dim/2]    |
-| model.layers.{i}.self_attn.{q,k,v,o}_proj.weight         | lm.model.layers.{i}.<same>          | [D, D]          |
-| model.layers.{i}.mlp.{gate,up,down}_proj.weight          | lm.model.layers.{i}.<same>          | [F, D] / [D, F] |
-| model.layers.{i}.{input,post_attention}_layernorm.weight | lm.model.layers.{i}.<same>          | [D]             |
-| model.norm.weight                                        | lm.model.norm.weight                | [D]             |
-| lm_head.weight                                           | lm.lm_head.weight                   | [V, D]          |
-| model.mm_projector.{weight,bias}                         | projector.{weight,bias}             | [D, C], [D]     |
-| VT.embeddings.position_ids                               | dropped (buffer, if saved)          | [1, 257]        |
-| VT.<rest>                                                | vision.encoder.<rest> if include_vision, else dropped |  |
-| H.cvae.enc_MLP.0.{w,b}                                   | traj_decoder.enc_in.{w,b}           | [512, 2+Dc]     |
-| H.cvae.linear_means.{w,b}                                | traj_decoder.enc_mu.{w,b}           | [256, 512]      |
-| H.cvae.linear_log_var.{w,b}                              | traj_decoder.enc_logvar.{w,b}       | [256, 512]      |
-| H.cvae.dec_MLP.0.{w,b}                                   | traj_decoder.dec_in.{w,b}           | [512, 256+Dc]   |
-| H.cvae.dec_MLP.2.{w,b}                                   | traj_decoder.dec_out.{w,b}          | [2, 512]        |
-| H.mlp.{0,2,4}.{w,b} (MLP run) | traj_decoder.{fc1,fc2,fc_out}.{w,b} | [512,Dc],[512,512],[2,512] |
-| hand_traj_positional_embedding.{weight,bias}             | dropped (unused)                    | [Dc, 2], [Dc]   |
-| time_embedding                                           | dropped (unused)                    | [20, D]         |
-| bbox_to_feature.{0,2}.{weight,bias}                      | dropped (unused)                    | [32,4],[64,32]  |
-| feat_fusion.0.{weight,bias}                              | dropped (unused)                    | [1024, 1088]    |
-| downproject.{weight,bias}                                | dropped (unused)                    | [1024, 1024]    |
-
-The two buffers are recomputed at construction; whether a checkpoint holds them depends on the
-transformers version that wrote it (persistent vs non-persistent buffers), so both are tolerated.
-Anything else raises ``UnknownReleaseKeyError`` naming the keys. ``ours_to_release`` inverts the
-mapped rows (dropped keys cannot be recreated). Our CLIP lives at ``vision.encoder.*``:
-``handsonvlm.vision.VisionTower`` holds the HF ``CLIPVisionModel`` as ``.encoder``, and transformers 5's
-``CLIPVisionModel`` has no ``vision_model.`` level, so the release's ``vision_model.`` is stripped
-(``OURS_VISION_PREFIX``).
-
-Vocabulary: the release appends ``<t0>``..``<t99>`` (ids 32000-32099, LITA time tokens) and then
-``<hand_traj>`` (id 32100) to Vicuna's 32000-token vocabulary. ``check_release_vocab`` verifies that
-through ``tokenizer.convert_tokens_to_ids``; model code must look the ids up, never hard-code them.
+Maps the released key names (read from ``Kami-code/HandsOnVLM-release`` at commit 89b7721) onto
+ours, drops what the release saved but never trained, checks the release's added-token ids, and
+reads released safetensors/bin shards safely. Provenance, the full mapping table and the
+vocabulary rules: docs/MODEL.md, "The released checkpoint's key mapping".
 """
 
 from __future__ import annotations

@@ -91,7 +91,10 @@ def draw_trajectories(frame_rgb, pred=None, gt=None, valid=None, start=None,
     img = np.ascontiguousarray(frame_rgb, dtype=np.uint8).copy()
     H, W = img.shape[:2]
     size, scale = (W, H), W / REFERENCE_WIDTH
-    px = lambda v: max(1, round(v * scale))  # noqa: E731
+
+    def px(v: float) -> int:  # a release pixel size at this frame's width, at least 1
+        return max(1, round(v * scale))
+
     valid = np.ones(2, bool) if valid is None else np.asarray(valid).astype(bool).reshape(2)
 
     def path(points, h):
