@@ -37,6 +37,22 @@ class Template:
                 pieces.append((f" {answer}{self.sep2}", True))
         return pieces
 
+    def conversation_text(self, turns: list[tuple[str, str | None]]) -> str:
+        """The whole conversation as one string, as LLaVA's ``Conversation.get_prompt`` writes it
+        (release mode tokenises this string at once): ``system + sep``, then ``"ROLE: message"``
+        followed by ``sep`` after a user message and ``sep2`` after an answer (``llava_v0``'s
+        single separator is both). A missing or empty message leaves its role open as
+        ``"ROLE:"``, so a generation prompt ends with ``"ASSISTANT:"``."""
+        text = self.system + self.sep
+        for user_text, answer in turns:
+            text += _message_text(self.user, user_text, self.sep) + _message_text(self.assistant, answer, self.sep2)
+        return text
+
+
+def _message_text(role: str, message: str | None, separator: str) -> str:
+    # LLaVA tests the message's truth, so "" is left open like None
+    return f"{role}: {message}{separator}" if message else f"{role}:"
+
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")

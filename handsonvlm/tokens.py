@@ -6,12 +6,20 @@ because of the order in which tokens were added; nothing here assumes it).
 The tiny preset needs a tokenizer without network access: a byte-level BPE (so any text encodes)
 trained on the prompt templates and a kitchen vocabulary, stored in ``configs/tokenizers/tiny``
 and rebuilt reproducibly with ``python -m handsonvlm.tokens --build-tiny``.
+
+Release mode tokenises as the release did with transformers 4.31's slow ``LlamaTokenizer``
+(docs/MODEL.md, "Tokenisation in release mode"): a SentencePiece model is read with the
+``sentencepiece`` library (legacy dummy prefix on every chunk), and :func:`release_text_ids`
+strips the whitespace beside plain added tokens as 4.31 did. Corrected mode loads whatever
+``AutoTokenizer`` gives and encodes text with it unchanged.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from handsonvlm.config import CONFIG_DIR, ModelConfig
@@ -21,6 +29,7 @@ from handsonvlm.prompts import tokenizer_corpus
 TINY_TOKENIZER_DIR = CONFIG_DIR / "tokenizers" / "tiny"
 TINY_VOCAB_SIZE = 1024
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+SENTENCEPIECE_MODEL_FILE = "tokenizer.model"
 # A kitchen vocabulary so that the tiny tokenizer has whole-word pieces for the data's words.
 KITCHEN_WORDS = [
     "take", "put", "wash", "open", "close", "insert", "turn-on", "cut", "turn-off", "pour", "mix", "move", "remove",
@@ -74,13 +83,15 @@ def build_tiny_tokenizer(out_dir: Path = TINY_TOKENIZER_DIR, vocab_size: int = T
 
 def load_tokenizer(cfg: ModelConfig):
     """The model's tokenizer with LITA time tokens and the hand token added (as the release does:
-    plain ``add_tokens``, time tokens first), right padding, pad = unk."""
-    from transformers import AutoTokenizer
+    plain ``add_tokens``, time tokens first), right padding, pad = unk.
 
+    Release mode reads a SentencePiece ``tokenizer.model`` with the ``sentencepiece`` library, as
+    the release's slow tokenizer did (see :func:`release_sentencepiece_tokenizer`); any other
+    source, and corrected mode, load through ``AutoTokenizer``."""
     source = cfg.lm.tokenizer or cfg.lm.pretrained or str(TINY_TOKENIZER_DIR)
     # A local directory, or a hub id already in the local Hugging Face cache: never a download.
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        tokenizer = _base_tokenizer(source, cfg.mode)
     except OSError as exc:
         raise FileNotFoundError(f"tokenizer {source!r} is neither a local directory nor in the local Hugging Face "
                                 f"cache; nothing is downloaded at run time (see docs/MODEL.md)") from exc
@@ -95,6 +106,77 @@ def load_tokenizer(cfg: ModelConfig):
     if cfg.hand_token not in tokenizer.get_vocab():
         tokenizer.add_tokens([cfg.hand_token])
     return tokenizer
+
+
+def _base_tokenizer(source: str, mode: str):
+    """The tokenizer of ``source`` before the time and hand tokens are added."""
+    from transformers import AutoTokenizer
+
+    tokenizer = release_sentencepiece_tokenizer(source) if mode == "release" else None
+    return tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(source, local_files_only=True)
+
+
+def release_sentencepiece_tokenizer(source: str):
+    """The tokenizer of ``source`` as transformers 4.31's slow ``LlamaTokenizer`` encoded text, or
+    None when ``source`` has no SentencePiece ``tokenizer.model``.
+
+    transformers 5's ``LlamaTokenizer`` is a converted BPE that splits some text differently from
+    SentencePiece itself (" USER", runs of spaces); its ``SentencePieceBackend`` calls the
+    ``sentencepiece`` library and, with ``legacy=True`` (4.31's default when the config has no
+    ``legacy`` key, as Vicuna v1.3's has not), adds the dummy prefix to every chunk. It adds no
+    BOS itself: :func:`handsonvlm.data.image_token_ids` does, as the release's tokenizer did."""
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+    from transformers.utils import cached_file
+
+    model_file = cached_file(source, SENTENCEPIECE_MODEL_FILE, local_files_only=True,
+                             _raise_exceptions_for_missing_entries=False)
+    if model_file is None:
+        return None
+    return SentencePieceBackend.from_pretrained(source, local_files_only=True, legacy=True)
+
+
+def release_text_ids(tokenizer, text: str) -> list[int]:
+    """``tokenizer(text, add_special_tokens=False).input_ids`` as the release's transformers 4.31
+    slow tokenizer computed it.
+
+    4.31 split the text at every added or special token and stripped the whitespace on both sides
+    of the tokens that ``add_tokens`` had added as plain strings (``<tN>``, ``<hand_traj>``), but
+    not beside its special tokens (``<s>``, ``</s>``, ``<unk>``, AddedTokens without lstrip/rstrip).
+    So "follows: <hand_traj>" loses its space and ".</s>" keeps "." as its own chunk ("▁."). Each
+    remaining chunk is encoded on its own by ``tokenizer`` (a legacy SentencePiece tokenizer gives
+    every chunk the dummy prefix)."""
+    token_ids = added_token_ids(tokenizer)
+    if not token_ids:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    plain = token_ids.keys() - set(tokenizer.all_special_tokens)
+    # re.split with one capture group: even positions are text, odd positions the tokens found
+    parts = _added_token_pattern(tuple(sorted(token_ids))).split(text)
+    for i in range(1, len(parts), 2):
+        if parts[i] in plain:
+            parts[i - 1] = parts[i - 1].rstrip()
+            parts[i + 1] = parts[i + 1].lstrip()
+    ids: list[int] = []
+    for i, part in enumerate(parts):
+        if i % 2:
+            ids.append(token_ids[part])
+        elif part:
+            ids += tokenizer(part, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def added_token_ids(tokenizer) -> dict[str, int]:
+    """Every token that text is split at before encoding: the added tokens and the special tokens."""
+    specials = tokenizer.all_special_tokens
+    return {**dict(zip(specials, tokenizer.convert_tokens_to_ids(specials), strict=True)),
+            **tokenizer.get_added_vocab()}
+
+
+@lru_cache(maxsize=8)
+def _added_token_pattern(tokens: tuple[str, ...]) -> re.Pattern:
+    """A regex matching any of ``tokens``, the longest first where several start at one place
+    (as 4.31's trie split)."""
+    alternatives = "|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True))
+    return re.compile(f"({alternatives})")
 
 
 def special_tokens(tokenizer, cfg: ModelConfig) -> SpecialTokens:
