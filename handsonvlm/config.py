@@ -206,6 +206,12 @@ class TrainConfig(ConfigSection):
     rephrase_rate: float = 0.5
     feature_cache: str = "auto"  # auto: use OUT/features/<vision key> when present
     export_dir: str = "runs/models"
+    # Validation at every checkpoint (handsonvlm/validation.py): greedy answers on this many clips of
+    # the val_split shards (a fixed choice seeded by train.seed), logged as val/<task>/*; 0 turns it off.
+    val_clips: int = 8
+    val_split: str = "validation"
+    # The MLflow registered model a finished run's export becomes a version of; None: no registration.
+    register_model: str | None = "handsonvlm"
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)

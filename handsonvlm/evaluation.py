@@ -146,6 +146,32 @@ def output_rows(preds: Sequence[Mapping], clips: Mapping[str, Mapping], num_samp
              "valid": clips[p["sample_id"]]["future_valid"].astype(bool).tolist()} for p in preds]
 
 
+TABLE_METRICS = ("ade", "fde")  # the per-clip errors of prediction_table
+
+
+def prediction_table(preds: Sequence[Mapping], clips: Mapping[str, Mapping], num_samples: int) -> dict[str, list]:
+    """:func:`reconcile`'s rows as columns for a table viewer (MLflow's ``log_table``): the job's
+    fields, the answers, ``trajectories`` [K][2][T][2] (None = missing), ``n_complete``, ``error``
+    and the clip's own ``ade``/``fde`` (missing points filled as in the metrics; None when no hand
+    of the clip is scored)."""
+    shape = (num_samples, *TRAJECTORY_SHAPE)
+    columns: dict[str, list] = {key: [] for key in (*JOB_FIELDS, "answers", "trajectories", "n_complete", "error",
+                                                     *TABLE_METRICS)}
+    for p in preds:
+        clip, pred = clips[p["sample_id"]], np.asarray(p["trajectories"], np.float64).reshape(shape)
+        scores = trajectory_metrics(fill_missing(pred[None], clip["future_hands"][None]),
+                                    clip["future_hands"][None, :, 1:], clip["future_valid"][None])
+        for key in JOB_FIELDS:
+            columns[key].append(int(p[key]) if key == "seed" else p[key])
+        columns["answers"].append(json.loads(p["answers"]))
+        columns["trajectories"].append(np.where(np.isfinite(pred), pred, None).tolist())
+        columns["n_complete"].append(int(np.sum(p["complete"])))
+        columns["error"].append(p["error"] or None)
+        for key in TABLE_METRICS:
+            columns[key].append(scores[key] if math.isfinite(scores[key]) else None)
+    return columns
+
+
 # ---------------------------------------------------------------------------------------- arrays
 @dataclass(frozen=True)
 class Clips:

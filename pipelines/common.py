@@ -12,6 +12,27 @@ from preprocessing import storage
 
 DEFAULT_OBJECT_STORE_BYTES = 1 << 30  # a bounded store leaves room for workers on small machines
 LOCAL_DASHBOARD_HOST = "127.0.0.1"
+DRIVER_ENV_FOR_WORKERS = ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "MLFLOW_TRACKING_URI")
+
+# A private local Ray runs on one machine without a dashboard, hence without Ray's State API. Two Ray
+# Train helpers assume a cluster; on a cluster (`ray job submit`) its own settings apply instead.
+LOCAL_RAY_ENV = {
+    # The preemption watcher follows node drains (spot instances), which a local Ray never has. Ray creates
+    # it restartable with actor handles as constructor arguments, which Ray core reports as an ERROR line
+    # on every training (core_worker.cc "constructor arguments in the object store", ray-project/ray#53727).
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # Ray Train's PlacementGroupCleaner asks the State API every second whether the training controller
+    # still lives. Left to guess, the State API client of a worker picks "the" Ray instance of the machine
+    # (ConnectionError and a traceback when several run, e.g. tests beside a job) and that instance's
+    # dashboard address, where another Ray's dashboard may answer that our controller does not exist, and
+    # the cleaner would remove our placement group. An address nothing listens on makes every query fail
+    # fast and harmlessly instead.
+    "RAY_API_SERVER_ADDRESS": "http://127.0.0.1:0",
+}
+# ... and each failed query logs a warning from that logger, about one per second of training. The cleaner
+# is of no use here anyway (it frees a dead controller's resources on a cluster that outlives it; a local
+# Ray ends with its driver), so its warnings are silenced in the workers of a local Ray.
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -32,18 +53,23 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    env_vars = {k: os.environ[k] for k in ("DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE",
-                                           "MLFLOW_TRACKING_URI") if k in os.environ}
     if address and address != "local":
         # On a cluster (or under `ray job submit`) the job's runtime env applies; adding one here
         # would conflict with it.
         ray.init(address=address)
         return
+    env_vars = {**LOCAL_RAY_ENV, **{k: os.environ[k] for k in DRIVER_ENV_FOR_WORKERS if k in os.environ}}
     # No dashboard locally; should one be turned on, it listens on loopback only (Ray's own default
     # is also 127.0.0.1, pinned here so that a changed default cannot expose it).
     ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
              include_dashboard=False, dashboard_host=LOCAL_DASHBOARD_HOST, log_to_driver=True,
-             runtime_env={"env_vars": env_vars} if env_vars else None)
+             runtime_env={"env_vars": env_vars, "worker_process_setup_hook": configure_local_worker_logging})
+
+
+def configure_local_worker_logging() -> None:
+    """Ray's ``worker_process_setup_hook`` of a local Ray (see :func:`init_ray`), run in each worker
+    process before its tasks and actors: mutes the PlacementGroupCleaner, see :data:`LOCAL_RAY_ENV`."""
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
 
 
 def add_ray_flags(parser: argparse.ArgumentParser) -> None:

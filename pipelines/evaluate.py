@@ -38,6 +38,7 @@ from handsonvlm.evaluation import TRAJECTORY_SHAPE
 from handsonvlm.inference import ModelLoadError, check_export, read_model_config
 from pipelines import common, tracking
 from preprocessing import layout, storage
+from preprocessing.features import map_batches_without_restarts
 
 EVAL_FLAGS = tuple(f.name for f in fields(EvalConfig))  # every key has its flag: --split ... --gallery
 DEFAULT_PRESET = "tiny"
@@ -46,8 +47,6 @@ TENSOR_COLUMNS = ["future_hands", "future_valid", "past_hands", "past_hands_vali
 FRAME_COLUMNS = ["sample_id", "obs_jpeg"]
 URI_OUTPUT_ROOT = "runs"  # where the outputs go when --data is a URI (the job's working directory)
 MAX_ERROR_CHARS = 2000
-MLFLOW_METRICS_PER_BATCH = 1000  # MLflow's log_batch limit
-MAX_TRAIN_RUNS = 1000  # training runs searched for the one --model came from
 EXIT_ERROR = 2
 PREDICTIONS_FILE = "predictions.parquet"
 F64, STRING = pa.float64(), pa.string()
@@ -136,12 +135,14 @@ def predict(jobs: list[dict], where: dict[str, str], model_dir: str, settings: E
     gpus = int(ray.cluster_resources().get("GPU", 0))
     replicas = max(1, min(settings.replicas or max(1, gpus), len(by_clip)))
     ray.data.DataContext.get_current().enable_progress_bars = False
-    ds = ray.data.read_parquet(sorted({where[s] for s in by_clip}), columns=FRAME_COLUMNS)  # only shards with jobs
-    ds = ds.map_batches(Predictor, batch_size=settings.batch_size, batch_format="pandas",
-                        compute=ray.data.ActorPoolStrategy(size=replicas),
-                        num_gpus=1 if gpus else None, num_cpus=None if gpus else 1,
-                        fn_constructor_kwargs={"model_dir": model_dir, "jobs": by_clip, "settings": settings,
-                                               "device": "cuda" if gpus else "cpu", "generate_fn": generate_fn})
+    ds = ray.data.read_parquet(sorted({where[s] for s in by_clip})).select_columns(FRAME_COLUMNS)  # shards with jobs
+    # a dead Predictor fails the evaluation (see map_batches_without_restarts); it reruns as it is
+    ds = map_batches_without_restarts(ds, Predictor, batch_size=settings.batch_size, batch_format="pandas",
+                                      compute=ray.data.ActorPoolStrategy(size=replicas),
+                                      num_gpus=1 if gpus else None, num_cpus=None if gpus else 1,
+                                      fn_constructor_kwargs={"model_dir": model_dir, "jobs": by_clip,
+                                                             "settings": settings, "generate_fn": generate_fn,
+                                                             "device": "cuda" if gpus else "cpu"})
     return ds.take_all()
 
 
@@ -191,24 +192,11 @@ def write_gallery(preds: list[dict], clips: dict, where: dict, K: int, per_task:
     return written
 
 
-def training_link(mlflow_client, exp_id: str, model_dir: str) -> dict[str, str]:
-    """Tags ``train_run_id``/``train_run_name`` of the training run whose ``model_path`` tag, else
-    whose name, matches ``model_dir``; {} when none does (linking is best effort)."""
-    try:
-        runs = mlflow_client.search_runs([exp_id], filter_string="tags.stage = 'train'", max_results=MAX_TRAIN_RUNS)
-    except Exception:  # an unreachable or old tracking server must not fail the evaluation
-        return {}
-    names = {r.info.run_id: r.data.tags.get(tracking.RUN_NAME_TAG, r.info.run_name) for r in runs}
-    path = Path(model_dir).absolute()
-    by_path = [r for r in runs if r.data.tags.get("model_path") and Path(r.data.tags["model_path"]).absolute() == path]
-    run = (by_path or [r for r in runs if names[r.info.run_id] == path.name] or [None])[0]
-    return {"train_run_id": run.info.run_id, "train_run_name": names[run.info.run_id]} if run else {}
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     """The flags; ``args.eval`` is the resolved :class:`EvalConfig` (a bad value exits with 2)."""
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="exported model directory (runs/models/<run-name>)")
+    p.add_argument("--model", required=True, help="exported model directory (runs/models/<run-name>), "
+                   "models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model")
     p.add_argument("--data", required=True, help="preprocessing output root (holds samples/<split>/)")
     common.add_preset_flags(p, "eval", default=f"the preset the model's model.name names, else {DEFAULT_PRESET}")
     add_section_flags(p, "eval", EvalConfig, EVAL_FLAGS)
@@ -216,6 +204,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     common.add_ray_flags(p)
     args = p.parse_args(argv)
+    try:  # an MLflow model URI becomes its local download (runs/model_cache/)
+        args.model_uri, args.model = args.model, tracking.resolve_model(args.model)
+    except ModelLoadError as exc:
+        p.error(str(exc))
     args.config = args.config or common.trained_preset(args.model, DEFAULT_PRESET)
     args.eval = common.load_config_section(p, args, EvalConfig, "eval", EVAL_FLAGS)
     return args
@@ -230,7 +222,7 @@ def run(args: argparse.Namespace, generate_fn=None) -> dict:
     model_cfg = read_model_config(check_export(model_dir, (CONFIG_FILE, WEIGHTS_FILE)))  # ModelLoadError: usage
     if model_cfg.num_future_points != NUM_FUTURE_POINTS:
         raise EvalError(f"the model predicts {model_cfg.num_future_points} points; the shards hold {NUM_FUTURE_POINTS}")
-    data = common.absolute_uri(args.data)
+    data = layout.data_root(common.absolute_uri(args.data))
     rows, where = read_clips(layout.samples_dir(data, cfg.split))
     if not rows:
         raise EvalError(f"no sample shards under {layout.samples_dir(data, cfg.split)}")
@@ -240,42 +232,41 @@ def run(args: argparse.Namespace, generate_fn=None) -> dict:
     K = cfg.num_samples
     run_name = args.run_name or f"eval-{Path(model_dir).name}-{cfg.split}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"[eval] {run_name}: {len(rows)} clips, {len(jobs)} prompts ({', '.join(cfg.tasks)}), K={K}", flush=True)
-
-    preds = evaluation.reconcile(jobs, predict(jobs, where, model_dir, cfg, generate_fn), K) if jobs else []
-    metrics = evaluation.metrics_from_rows(preds, clips, K, cfg.tasks)
-
-    out_dir = Path(layout.eval_dir(data if storage.is_local(data) else URI_OUTPUT_ROOT, run_name))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(evaluation.output_rows(preds, clips, K), schema=PREDICTIONS_SCHEMA),
-                   out_dir / PREDICTIONS_FILE)
-    gallery = write_gallery(preds, clips, where, K, cfg.gallery, cfg.tasks, out_dir) if cfg.gallery > 0 else []
     params = {"model": model_dir, "data": data, "model_mode": model_cfg.mode, "config": str(args.config),
               **{key: str(value) for key, value in cfg.to_dict().items()}}  # the EvalConfig's fields
 
-    run_id, link = None, {}
-    if not args.no_mlflow:
+    run_id, link, monitor, ok = None, {}, None, False
+    if not args.no_mlflow:  # the run starts before inference, so that its system metrics cover it
         mlflow_client = tracking.client()
         exp_id = tracking.experiment_id(mlflow_client)
-        link = training_link(mlflow_client, exp_id, model_dir)
-        tags = {"stage": "eval", "git_commit": tracking.git_commit() or "unknown", "model_path": model_dir, **link}
+        link = tracking.training_link(mlflow_client, exp_id, args.model_uri, model_dir)
+        tags = {"stage": "eval", "git_commit": tracking.git_commit() or "unknown", "model_path": model_dir,
+                "model_uri": args.model_uri, **link}
         run_id, _ = tracking.start_run(mlflow_client, exp_id, run_name, params, tags)
-    summary = {"run_name": run_name, "mlflow_run_id": run_id, "train_run": list(link.values()) or None,
-               "params": params, "metrics": {k: (v if math.isfinite(v) else None) for k, v in sorted(metrics.items())},
-               "predictions": str(out_dir / PREDICTIONS_FILE), "gallery": gallery}
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if run_id:
-        from mlflow.entities import Metric
+        monitor = tracking.system_metrics(run_id, tracking.tracking_uri())
+        tracking.log_shards(mlflow_client, run_id, "evaluation", cfg.split, layout.samples_dir(data, cfg.split),
+                            sorted({where[s] for s in clips}), extra=tuple(clips) if cfg.limit else (), rows=len(rows))
+    try:
+        preds = evaluation.reconcile(jobs, predict(jobs, where, model_dir, cfg, generate_fn), K) if jobs else []
+        metrics = evaluation.metrics_from_rows(preds, clips, K, cfg.tasks)
 
-        ok = False
-        try:
-            now = int(time.time() * 1000)
-            items = [Metric(k, float(v), now, 0) for k, v in sorted(metrics.items())]
-            for start in range(0, len(items), MLFLOW_METRICS_PER_BATCH):
-                mlflow_client.log_batch(run_id, metrics=items[start:start + MLFLOW_METRICS_PER_BATCH])
-            mlflow_client.log_artifacts(run_id, str(out_dir))
-            ok = True
-        finally:
-            tracking.finish_run(mlflow_client, run_id, ok)
+        out_dir = Path(layout.eval_dir(data if storage.is_local(data) else URI_OUTPUT_ROOT, run_name))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(evaluation.output_rows(preds, clips, K), schema=PREDICTIONS_SCHEMA),
+                       out_dir / PREDICTIONS_FILE)
+        gallery = write_gallery(preds, clips, where, K, cfg.gallery, cfg.tasks, out_dir) if cfg.gallery > 0 else []
+        summary = {"run_name": run_name, "mlflow_run_id": run_id, "train_run": list(link.values()) or None,
+                   "params": params,
+                   "metrics": {k: (v if math.isfinite(v) else None) for k, v in sorted(metrics.items())},
+                   "predictions": str(out_dir / PREDICTIONS_FILE), "gallery": gallery}
+        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if run_id:
+            tracking.log_eval_outputs(mlflow_client, run_id, metrics, out_dir,
+                                      evaluation.prediction_table(preds, clips, K), gallery)
+        ok = True
+    finally:
+        if run_id:
+            tracking.finish_run(mlflow_client, run_id, ok, monitor)
 
     print(evaluation.summary_table(metrics, cfg.tasks), flush=True)
     print(f"[eval] outputs: {out_dir}", flush=True)

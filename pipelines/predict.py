@@ -48,6 +48,7 @@ from handsonvlm.config import (
     section_overrides,
 )
 from handsonvlm.constants import OBS_FPS
+from pipelines import tracking
 from preprocessing.media import InputError, Observation, model_frames, read_frames_dir, read_video
 
 SECTION = "predict"  # the preset section (and override prefix) of PredictConfig
@@ -67,7 +68,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, PredictConfig]:
     p = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0],
                                 epilog="Details (window, coordinates, drawing): README.md, "
                                        "'Predicting on your own video', and the docstring of pipelines/predict.py.")
-    p.add_argument("--model", required=True, help="exported model directory (runs/models/<run-name>)")
+    p.add_argument("--model", required=True, help="exported model directory (runs/models/<run-name>), "
+                   "models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID/model")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--video", help="a video file (mp4, ...) read with decord")
     src.add_argument("--frames", help="a directory of .jpg/.png frames at 4 fps, sorted by name; the last 10 are used")
@@ -111,6 +113,7 @@ def write_outputs(doc: dict, observation: Observation, pred, args: argparse.Name
 
 
 def run(args: argparse.Namespace, cfg: PredictConfig) -> dict:
+    args.model = tracking.resolve_model(args.model)  # an MLflow model URI becomes its local download
     # Read and check the input before loading the (possibly large) model.
     num_frames = inference.read_model_config(args.model).num_obs_frames
     if args.video:

@@ -11,7 +11,9 @@ every sample shard, OUT/features/<key>/) runs on its own, after samples.
 Runs on a local Ray started on demand, or unchanged on a cluster:
 ``ray job submit --working-dir . -- python pipelines/preprocess.py ...``. Paths may be local or
 URIs (s3://...). Bad input is quarantined (OUT/quarantine) and counted (OUT/manifest.json); the
-exit code is 0 unless the configuration itself is wrong. Re-runs skip completed shards.
+exit code is 0 unless the configuration itself is wrong (2). A split that a stage writes nothing for
+ends the run with a one-line warning naming the cause and the flag that fixes it; ``--strict``
+makes that exit code 1. Re-runs skip completed shards.
 """
 
 from __future__ import annotations
@@ -29,10 +31,16 @@ from preprocessing.epic import SPLIT_FILES
 from preprocessing.features import DEFAULT_FEATURE_DTYPE, FEATURE_DTYPES, feature_key, run_features_stage
 from preprocessing.index import IndexConfig
 from preprocessing.samples import MediaConfig
-from preprocessing.stages import DEFAULT_SHARD_SIZE, run_index_stage, run_samples_stage
+from preprocessing.stages import DEFAULT_SHARD_SIZE, empty_output_warnings, run_index_stage, run_samples_stage
 from preprocessing.window import FPS_CONVENTIONS
 
 STAGES = ("index", "samples", "all", "features")
+INDEX_INPUTS = ("annotations", "questions", "labels")
+SAMPLES_INPUTS = ("epic_root",)
+# the input flags each stage reads: only those must name existing paths (the others are ignored)
+STAGE_INPUTS = {"index": INDEX_INPUTS, "samples": SAMPLES_INPUTS, "all": INDEX_INPUTS + SAMPLES_INPUTS,
+                "features": ()}
+EXIT_EMPTY_OUTPUT = 1  # --strict: a stage wrote nothing for a split
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--object-store-memory", type=int, default=DEFAULT_OBJECT_STORE_BYTES,
                    help="bytes of the local Ray's object store")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--strict", action="store_true",
+                   help=f"exit with {EXIT_EMPTY_OUTPUT} when a stage writes nothing for a split (default: a warning)")
     args = p.parse_args(argv)
     args.splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     unknown = [s for s in args.splits if s not in SPLIT_FILES]
@@ -110,7 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--model-config {args.model_config} {args.overrides or ''}: {exc}")
     elif args.overrides:
         p.error("--set applies to --model-config, which only the features stage uses")
-    for name in ("annotations", "epic_root", "questions", "labels"):
+    for name in STAGE_INPUTS[args.stage]:
         value = getattr(args, name)
         if value and not storage.exists(value):
             p.error(f"--{name.replace('_', '-')} {value} does not exist")
@@ -139,7 +149,10 @@ def main(argv=None) -> int:
         print(f"features: {layout.feature_root(args.out, feature_key(args.model_cfg))}")
     print(json.dumps(report, indent=2, sort_keys=True))
     print(f"manifest: {layout.manifest_path(args.out)}")
-    return 0
+    problems = empty_output_warnings(report, args.out)
+    for line in problems:
+        print(f"preprocess.py: {'error' if args.strict else 'warning'}: {line}", file=sys.stderr, flush=True)
+    return EXIT_EMPTY_OUTPUT if problems and args.strict else 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
 Locally it starts a Ray of its own; on a cluster the same command runs under
 ``ray job submit --working-dir . -- python pipelines/train.py ...``. Re-running with the same
 ``--run-name`` resumes from the last checkpoint (and continues the same MLflow run). The model is
-exported to ``<train.export_dir>/<run-name>/`` (safetensors + config + tokenizer).
+exported to ``<train.export_dir>/<run-name>/`` (safetensors + config + tokenizer), logged as the run's
+``model`` artifact and registered as a version of ``train.register_model`` (``models:/handsonvlm/N``).
+At every checkpoint a few ``train.val_split`` clips are answered greedily: ``val/<task>/*`` metrics.
 """
 
 from __future__ import annotations
@@ -18,14 +20,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a bare checkout / job working_dir
 
+import pyarrow.parquet as pq
+
+from handsonvlm import validation
 from handsonvlm.config import ModelConfig, TrainConfig, add_section_flags, load_preset, section_overrides
 from pipelines import tracking
 from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, absolute_uri, init_ray, setup_logging
-from preprocessing import layout
-from preprocessing.training_data import feature_cache_plan, plan_data
+from preprocessing import layout, storage
+from preprocessing.training_data import feature_cache_plan, plan_data, total_steps
 
 DEFAULT_STORAGE = "runs/ray_results"
 TRAIN_FLAGS = ("data", "max_steps", "num_workers", "zero_stage")  # --data, --max-steps, ...: train.<name>
+# Ray Train replaces print() on its workers by a logger call that also tees to the original print whenever
+# sys.stdout is not sys.__stdout__, and in a Ray worker it never is (Ray wraps it): every line a worker
+# printed (progress, DeepSpeed's) reached the driver twice. Without the patch a print is a print.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,25 +72,89 @@ def export_path_for(export_dir: str, run_name: str) -> str:
     return str(Path(export_dir).absolute() / run_name)
 
 
+def read_shard(uri: str, columns: list[str], sample_ids: list[str] | None = None):
+    """``columns`` of a sample shard (the rows of ``sample_ids`` only, when given) as a pyarrow table."""
+    fs, path = storage.resolve(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns,
+                         filters=[("sample_id", "in", sample_ids)] if sample_ids else None)
+
+
+def plan_validation(data: str, train: dict) -> dict | None:
+    """The clips validated at every checkpoint: ``train.val_clips`` of the ``train.val_split``
+    shards, chosen by ``train.seed``. Returns ``rows`` (``validation.COLUMNS`` of each; they ride in
+    the plan, JPEGs included: well under a MB per clip), ``files`` (their shards), ``source`` and
+    ``sample_ids``; None when validation is off or the split has no shards."""
+    if train["val_clips"] <= 0:
+        return None
+    source = layout.samples_dir(data, train["val_split"])
+    files = storage.list_files(source, layout.SHARD_SUFFIX)
+    if not files:
+        print(f"[train] no {train['val_split']} shards under {source}: no validation during training", flush=True)
+        return None
+    ids = {uri: read_shard(uri, ["sample_id"]).column("sample_id").to_pylist() for uri in files}
+    chosen = validation.choose_clips([i for shard in ids.values() for i in shard], train["val_clips"], train["seed"])
+    mine = {uri: sorted(set(chosen).intersection(shard)) for uri, shard in ids.items()}
+    files = [uri for uri in files if mine[uri]]
+    rows = [row for uri in files for row in read_shard(uri, validation.COLUMNS, mine[uri]).to_pylist()]
+    return {"rows": rows, "files": files, "source": source, "sample_ids": chosen}
+
+
+def log_inputs(mlflow_client, run_id: str, data: str, train: dict, plan: dict, val: dict | None) -> None:
+    """The training shards and the validation clips' shards as the run's dataset inputs."""
+    files = [f for rank_files in plan["files"] for f in rank_files]
+    tracking.log_shards(mlflow_client, run_id, "training", train["split"], layout.samples_dir(data, train["split"]),
+                        files, rows=plan["total_rows"])
+    if val:
+        tracking.log_shards(mlflow_client, run_id, "validation", f"{train['val_split']}-{len(val['rows'])}-clips",
+                            val["source"], val["files"], extra=tuple(val["sample_ids"]), rows=len(val["rows"]))
+
+
+def register(mlflow_client, run_id: str, name: str) -> str | None:
+    """The export as a version of registered model ``name``: its ``models:/`` URI, None on failure."""
+    try:
+        uri = f"models:/{name}/{tracking.register_model(mlflow_client, run_id, name)}"
+    except Exception as exc:  # a registry that is missing or down must not fail a finished training
+        print(f"[train] model registry: could not register {name}: {exc}", flush=True)
+        return None
+    mlflow_client.set_tag(run_id, "registered_model", uri)
+    print(f"[train] registered {uri}", flush=True)
+    return uri
+
+
+def previous_run_step(storage_path: str, run_name: str) -> int | None:
+    """The step of the last checkpoint an earlier run named ``run_name`` left under ``storage_path``
+    (what a run of that name resumes from); None when there is no such run or checkpoint."""
+    from ray.train import Result
+
+    try:
+        previous = Result.from_path(storage.join(storage_path, run_name))
+    except RuntimeError:  # Ray Train's answer for a missing run directory or checkpoint record
+        return None
+    return (previous.metrics or {}).get("step")
+
+
 def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_failures: int = 0,
            use_mlflow: bool = True, extra_tags: dict | None = None) -> dict:
-    """Run one training (Ray must be initialised). Returns {ok, metrics, export_path, run_id}.
+    """Run one training (Ray must be initialised). Returns {ok, metrics, export_path, run_id, checkpoint,
+    model_uri} (``model_uri``: the registered ``models:/NAME/VERSION``, None when not registered).
 
     Used by this CLI and by each Tune trial (pipelines/tune.py)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.train_worker import train_loop_per_worker  # torch and the model: only where training runs
+    from pipelines.train_worker import train_loop_per_worker  # torch, the model: where training runs
 
     train = config["train"]
-    data = absolute_uri(train["data"])
+    data = layout.data_root(absolute_uri(train["data"]))
     plan = plan_data(layout.samples_dir(data, train["split"]), train["num_workers"], train["micro_batch_size"],
                      train["gradient_accumulation_steps"])
     print(f"[train] {run_name}: {plan['total_rows']} samples in {sum(map(len, plan['files']))} shards; "
           f"{plan['steps_per_epoch']} steps/epoch on {train['num_workers']} workers", flush=True)
     plan["features"] = feature_cache_plan(data, train["split"], [f for fs in plan["files"] for f in fs],
                                           config["model"], train["feature_cache"])
+    val = plan_validation(data, train)
+    plan["validation"] = val["rows"] if val else None
     use_gpu = ray.cluster_resources().get("GPU", 0) >= train["num_workers"]
     export_path = export_path_for(train["export_dir"], run_name)
 
@@ -96,10 +169,18 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
         run_id, resumed = tracking.start_run(mlflow_client, exp_id, run_name, params, tags)
         state = "resumed" if resumed else "new"
         print(f"[train] MLflow run {run_id} ({state}) at {tracking.tracking_uri()}", flush=True)
-    loop_config = {**config, "plan": plan, "export_path": export_path,
-                   "mlflow": {"tracking_uri": tracking.tracking_uri(), "run_id": run_id} if run_id else None}
+        log_inputs(mlflow_client, run_id, data, train, plan, val)
+    settings = {"tracking_uri": tracking.tracking_uri(), "run_id": run_id,
+                "system_metrics_interval_s": tracking.system_metrics_interval_s()}
+    loop_config = {**config, "plan": plan, "export_path": export_path, "mlflow": settings if run_id else None}
 
     storage = absolute_uri(storage)
+    steps = total_steps(plan["steps_per_epoch"], train["epochs"], train["max_steps"])
+    done = previous_run_step(storage, run_name)
+    if done is not None and done >= steps:
+        print(f"[train] {run_name} already finished ({done}/{steps} steps): reusing it (its last checkpoint is "
+              f"restored and exported again); to train anew, give a new run name (--run-name NAME, "
+              f"make demo DEMO_RUN=<new name>)", flush=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -108,9 +189,10 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=train["keep_checkpoints"]),
-                             failure_config=FailureConfig(max_failures=max_failures)),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             worker_runtime_env={"env_vars": WORKER_ENV}),
     )
-    ok, result = False, None
+    ok, result, model_uri = False, None, None
     try:
         result = trainer.fit()
         ok = result.error is None
@@ -119,10 +201,12 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
             if ok:
                 mlflow_client.set_tag(run_id, "model_path", export_path)
                 if Path(export_path).exists():
-                    mlflow_client.log_artifacts(run_id, export_path, artifact_path="model")
+                    mlflow_client.log_artifacts(run_id, export_path, artifact_path=tracking.MODEL_ARTIFACT)
+                    model_uri = register(mlflow_client, run_id, train["register_model"]) \
+                        if train["register_model"] else None
             tracking.finish_run(mlflow_client, run_id, ok)
     return {"ok": ok, "metrics": result.metrics if result else None, "export_path": export_path, "run_id": run_id,
-            "checkpoint": result.checkpoint.path if result and result.checkpoint else None}
+            "checkpoint": result.checkpoint.path if result and result.checkpoint else None, "model_uri": model_uri}
 
 
 def main(argv=None) -> int:

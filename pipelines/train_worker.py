@@ -37,8 +37,9 @@ from handsonvlm.training import (
     resolve_attn_implementation,
     rows_to_batch,
 )
+from handsonvlm.validation import ValidationSet, validate_in_training
 from pipelines.tracking import RESTARTS_METRIC, WorkerLogger
-from preprocessing.training_data import FeatureLookup, iter_rows, shard_rows
+from preprocessing.training_data import FeatureLookup, iter_rows, shard_rows, total_steps
 
 RANK_STATE = "rank_{rank}_state.pt"
 CKPT_TAG = "ckpt"
@@ -138,7 +139,7 @@ class TrainRecipe:
         # The schedule spans the planned run (epochs x steps/epoch); max_steps only stops early, so a run
         # stopped at step 3 and resumed to step 6 matches one that ran 6 steps in one go.
         self.planned_steps = self.steps_per_epoch * self.train_cfg.epochs
-        self.total_steps = min(self.train_cfg.max_steps or self.planned_steps, self.planned_steps)
+        self.total_steps = total_steps(self.steps_per_epoch, self.train_cfg.epochs, self.train_cfg.max_steps)
         self.micro_per_step = self.train_cfg.gradient_accumulation_steps
         self.progress = Progress()
         self.resumed = False
@@ -148,7 +149,7 @@ class TrainRecipe:
         self.window_samples, self.window_start, self.start_time, self.start_step = 0, 0.0, 0.0, 0
 
     def setup(self) -> None:
-        """Model, optimizer and schedule wrapped by DeepSpeed; mixture, CVAE noise, fixed batch, logger, hooks."""
+        """DeepSpeed-wrapped model, optimizer, schedule; mixture, CVAE noise, fixed batch, validation, logger, hooks."""
         import deepspeed
 
         train = self.train_cfg
@@ -168,7 +169,8 @@ class TrainRecipe:
         if self.rank == 0:
             source = "feature cache " + self.plan["features"]["key"] if self.features else "frames (online CLIP)"
             print(f"[train] vision input: {source}", flush=True)
-        self.logger = WorkerLogger(self.config.get("mlflow"), self.rank)
+        self.validation = ValidationSet.for_rank(self.plan.get("validation"), self.rank, self.model_cfg, train.seed)
+        self.logger = WorkerLogger(self.config.get("mlflow"), self.rank, ray.train.get_context())
         fault = KillOnceAfterStep.from_env()
         if fault is not None:
             self.step_hooks.append(fault)
@@ -259,14 +261,15 @@ class TrainRecipe:
                   f"{rate:.1f} samples/s | ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", flush=True)
 
     def checkpoint(self) -> None:
-        """Fixed-batch loss, then every rank saves its checkpoint and reports it with the last metrics."""
+        """Fixed-batch loss, validation (rank 0), then every rank saves and reports its checkpoint."""
         loss = self.fixed_batch_loss()
         p = self.progress
-        self.logger.log({"eval/fixed_batch_loss": loss}, p.step)
+        val = validate_in_training(self.engine, self.validation, self.device)
+        self.logger.log({"eval/fixed_batch_loss": loss, **val}, p.step)
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(self.engine, directory, self.rank, p, self.generator)
             dist.barrier()
-            report = {**{k.replace("/", "_"): v for k, v in self.last_metrics.items()}, "step": p.step,
+            report = {**{k.replace("/", "_"): v for k, v in {**self.last_metrics, **val}.items()}, "step": p.step,
                       "epoch": p.epoch, "fixed_batch_loss": loss}
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
 

@@ -32,6 +32,11 @@ LABEL_COLUMNS = ("narration_timestamp", "narration", "verb", "verb_class", "noun
 VIDEO_INFO_COLUMNS = ("video_id", "duration", "fps", "resolution")
 
 _TIMESTAMP = r"^\s*(\d+):(\d{1,2}):(\d{1,2}(?:\.\d+)?)\s*$"
+DECODE_ERROR_MARK = "\ufffd"  # what decoding with errors="replace" leaves for invalid UTF-8
+# 10^8 frames are 19 days at 60 fps: far beyond any video, and every index derived from a frame number
+# (observation and future windows, seconds away) stays inside the int32 columns of the index.
+MAX_FRAME_NUMBER = 10**8
+MAX_CLASS_ID = int(np.iinfo(np.int16).max)  # verb/noun classes are int16 columns
 
 
 def parse_timestamps(values: pd.Series) -> np.ndarray:
@@ -52,14 +57,26 @@ def format_timestamp(seconds: float, decimals: int = 2) -> str:
 
 
 def _parse_list_literal(text: str, item_type: type) -> list | None:
-    """``"['salt', 'pan']"`` -> ``['salt', 'pan']`` (ast.literal_eval: no code runs); None if invalid."""
+    """``"['salt', 'pan']"`` -> ``['salt', 'pan']`` (ast.literal_eval: no code runs); None if invalid.
+
+    For ``item_type=int`` the items must be class ids (0..MAX_CLASS_ID; not bools)."""
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         return None
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, item_type) for v in value):
         return None
+    if item_type is int and not all(not isinstance(v, bool) and 0 <= v <= MAX_CLASS_ID for v in value):
+        return None
     return list(value)
+
+
+def _rows_containing(df: pd.DataFrame, text: str) -> np.ndarray:
+    """Bool per row: whether any cell holds ``text`` (shape [rows] also for a frame without rows)."""
+    found = np.zeros(len(df), bool)
+    for column in df.columns:
+        found |= df[column].str.contains(text, regex=False, na=False).to_numpy(bool)
+    return found
 
 
 def _read_csv_text(uri: str, quarantine: Quarantine, split: str | None) -> pd.DataFrame | None:
@@ -115,10 +132,11 @@ def read_actions(uri: str, split: str, quarantine: Quarantine) -> tuple[pd.DataF
         mask = np.asarray(mask, dtype=bool) & (problems.to_numpy() == "")
         problems[mask] = message
 
-    flag(df.apply(lambda r: any("\ufffd" in str(v) for v in r.values), axis=1), "invalid UTF-8 in row")
+    flag(_rows_containing(df, DECODE_ERROR_MARK), "invalid UTF-8 in row")
     flag((out["narration_id"] == "") | (out["video_id"] == "") | (out["participant_id"] == ""), "empty id field")
-    flag(~out.apply(lambda r: r.video_id.startswith(r.participant_id + "_")
-                    and r.narration_id.startswith(r.video_id + "_"), axis=1),
+    ids_nest = [video.startswith(participant + "_") and narration.startswith(video + "_")
+                for participant, video, narration in zip(out["participant_id"], out["video_id"], out["narration_id"])]
+    flag(~np.array(ids_nest, bool),
          "ids disagree (narration_id must extend video_id, which must extend participant_id)")
     flag(np.isnan(out["start_timestamp_s"]) | np.isnan(out["stop_timestamp_s"]), "unparsable start/stop timestamp")
     flag(out["stop_timestamp_s"] < out["start_timestamp_s"], "stop_timestamp before start_timestamp")
@@ -126,13 +144,15 @@ def read_actions(uri: str, split: str, quarantine: Quarantine) -> tuple[pd.DataF
     flag(~frames_ok, "start_frame/stop_frame is not an integer")
     frames_ok &= (out["start_frame"] % 1 == 0) & (out["stop_frame"] % 1 == 0)
     flag(~frames_ok, "start_frame/stop_frame is not an integer")
-    flag(frames_ok & ((out["start_frame"] < 1) | (out["stop_frame"] < out["start_frame"])),
-         "frame numbers out of range (start_frame >= 1, stop_frame >= start_frame)")
+    flag(frames_ok & ((out["start_frame"] < 1) | (out["stop_frame"] < out["start_frame"])
+                      | (out["stop_frame"] > MAX_FRAME_NUMBER)),
+         f"frame numbers out of range (1 <= start_frame <= stop_frame <= {MAX_FRAME_NUMBER})")
     if "narration" in df.columns:
         flag(df["narration"].str.strip() == "", "empty narration")
     for col in ("verb_class", "noun_class"):
         if col in df.columns:
-            flag(out[col].isna() | (out[col] % 1 != 0) | (out[col] < 0), f"{col} is not a non-negative integer")
+            flag(out[col].isna() | (out[col] % 1 != 0) | (out[col] < 0) | (out[col] > MAX_CLASS_ID),
+                 f"{col} is not an integer in 0..{MAX_CLASS_ID}")
 
     all_nouns, all_noun_classes = [None] * n, [None] * n
     if "all_nouns" in df.columns and "all_noun_classes" in df.columns:

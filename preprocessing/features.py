@@ -33,6 +33,7 @@ import io
 import json
 import logging
 import time
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -413,6 +414,22 @@ class FeatureWorker:
         return {"summary": np.array(summaries, dtype=object)}
 
 
+def map_batches_without_restarts(ds, fn, **kwargs):
+    """``ds.map_batches(fn, **kwargs)`` for an actor pool whose actors Ray does not restart.
+
+    Ray Data hands its actors their UDF as an object ref, which Ray core reports as an ERROR line
+    for restartable actors (core_worker.cc, ray-project/ray#53727), and Ray Data's default
+    (restart forever, retry forever) would retry a batch that kills its actor, e.g. out of memory,
+    without end. Without restarts a dead actor fails the job instead, with its error."""
+    from ray.util.annotations import RayDeprecationWarning
+
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for max_restarts: the extra keyword that Ray Data's actor pool
+        # documents for turning restarts off is also what 2.60 flags as deprecated `ray_remote_args`.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=RayDeprecationWarning)
+        return ds.map_batches(fn, max_restarts=0, **kwargs)
+
+
 def _write_vision_config(out: str, cfg, key: str, dtype: str, dims: dict | None) -> dict:
     doc = {"key": key, **vision_spec(cfg), "stored_dtype": dtype,
            "computation": "decode obs_jpeg -> handsonvlm.image.preprocess_frames(image_size) -> "
@@ -464,12 +481,13 @@ def run_features_stage(out: str, splits: Sequence[str], cfg, dtype: str = DEFAUL
         ctx.enable_progress_bars = False
         pool = max(1, min(actors, len(pending)))
         ds = ray.data.from_items([{"spec": json.dumps(s)} for s in pending], override_num_blocks=len(pending))
-        ds = ds.map_batches(FeatureWorker, batch_size=1, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=1, num_gpus=num_gpus or None,
-                            udf_modifying_row_count=False,
-                            fn_constructor_kwargs={"cfg": cfg.to_dict(), "out": out, "dtype": dtype,
-                                                   "rows_per_call": rows_per_call,
-                                                   "device": "cuda" if num_gpus else "cpu"})
+        # a dead worker fails the stage; a rerun keeps the shards already done (done markers)
+        ds = map_batches_without_restarts(ds, FeatureWorker, batch_size=1, batch_format="numpy",
+                                          compute=ray.data.ActorPoolStrategy(size=pool), num_cpus=1,
+                                          num_gpus=num_gpus or None, udf_modifying_row_count=False,
+                                          fn_constructor_kwargs={"cfg": cfg.to_dict(), "out": out, "dtype": dtype,
+                                                                 "rows_per_call": rows_per_call,
+                                                                 "device": "cuda" if num_gpus else "cpu"})
         bar = tqdm(total=len(pending), unit="shard", desc=f"features {key}", disable=not progress, mininterval=1.0)
         for row in ds.iter_rows():
             summaries.append(json.loads(row["summary"]))

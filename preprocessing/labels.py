@@ -13,6 +13,7 @@ Both are untrusted pickles and load through :mod:`preprocessing.safe_pickle`.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,7 @@ from preprocessing import safe_pickle, storage
 from preprocessing.schema import HAND_SIDES, LABEL_IMAGE_HEIGHT, LABEL_IMAGE_WIDTH, NUM_HANDS
 from preprocessing.window import NUM_OBS_FRAMES, NUM_TRACK_POINTS
 
+log = logging.getLogger(__name__)
 IMAGE_SIZE = np.array([LABEL_IMAGE_WIDTH, LABEL_IMAGE_HEIGHT], dtype=np.float32)
 # hoi-forecast's fill value for a hand without a trajectory: "below the image", on its side.
 MISSING_HAND_POINT = np.array([[0.75, 1.5], [0.25, 1.5]], dtype=np.float32)  # [RIGHT, LEFT]
@@ -136,7 +138,7 @@ class HoiLabels:
         info_uri = storage.join(root, "video_info.json")
         self.labelled_uids: set[int] | None = None
         if storage.exists(info_uri):
-            self.labelled_uids = {int(u) for u in json.loads(storage.read_bytes(info_uri))}
+            self.labelled_uids = _read_uid_list(info_uri)
         self._caches: dict[str, dict | LabelError] = {}
 
     def pickle_uri(self, uid: int) -> str:
@@ -169,9 +171,29 @@ class HoiLabels:
                 raise LabelError("unsafe_pickle", str(exc)) from exc
             except Exception as exc:
                 raise LabelError("label_unreadable", f"{type(exc).__name__}: {exc}") from exc
-            return targets_from_label_pickle(label)
+            try:
+                return targets_from_label_pickle(label)
+            except LabelError:
+                raise
+            except Exception as exc:  # a dict of another structure (a field of the wrong type or shape)
+                raise LabelError("label_unreadable", f"unexpected label structure: {type(exc).__name__}: {exc}") \
+                    from exc
         cache = self._cache(split)
         if isinstance(cache, LabelError):
             raise cache
         entry = cache.get(uid) if isinstance(cache, dict) else None
         return targets_from_cache_entry(entry) if entry is not None else None
+
+
+def _read_uid_list(uri: str) -> set[int] | None:
+    """The labelled uids of ``video_info.json`` (a JSON list of integers); None, with a warning, when
+    the file is anything else: then every uid's pickle is looked up, so no label is lost to it."""
+    try:
+        uids = json.loads(storage.read_bytes(uri))
+    except (OSError, ValueError) as exc:
+        log.warning("%s is unreadable (%s: %s); looking up every uid's label instead", uri, type(exc).__name__, exc)
+        return None
+    if not isinstance(uids, list) or not all(isinstance(u, int) and not isinstance(u, bool) for u in uids):
+        log.warning("%s is not a JSON list of integer uids; looking up every uid's label instead", uri)
+        return None
+    return set(uids)

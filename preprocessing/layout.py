@@ -38,6 +38,17 @@ def shard_name(shard: str) -> str:
     return f"{shard}{SHARD_SUFFIX}"
 
 
+def data_root(path: str) -> str:
+    """The output root ``OUT`` that ``path`` names: ``OUT`` itself or its ``samples/`` folder, the two
+    forms ``--data`` of training and evaluation accept (a trailing slash is dropped). A ``samples``
+    folder that holds a ``samples/`` folder of its own is a root."""
+    path = str(path).rstrip("/") or "/"
+    parent, _, name = path.rpartition("/")
+    if name == SAMPLES_DIR and parent and not storage.is_dir(storage.join(path, SAMPLES_DIR)):
+        return parent
+    return path
+
+
 def manifest_path(out: str) -> str:
     return storage.join(out, MANIFEST_FILE)
 

@@ -20,6 +20,7 @@ from preprocessing.quarantine import Quarantine
 QUESTION_FILES = {"train": "ek100_questions.json", "validation": "ek100_questions_val.json"}
 PARAPHRASE_FILE = "rephrase_ek100.json"
 _QUOTED = re.compile(r'"([^"]*)"')
+_UNREADABLE = object()  # what _load_json returns for a file it quarantined (JSON's null is None)
 
 
 def parse_question_string(text: str) -> list[str]:
@@ -37,17 +38,26 @@ def _load_json(uri: str, quarantine: Quarantine, split: str | None):
     except Exception as exc:
         quarantine.add(uri, "malformed_question", f"cannot parse JSON: {type(exc).__name__}: {exc}",
                        split=split, source=uri)
+        return _UNREADABLE
+
+
+def _load_json_object(uri: str, quarantine: Quarantine, split: str | None) -> dict | None:
+    """The JSON object in ``uri``; None when the file is unreadable or holds another JSON value
+    (either way it is quarantined as one row)."""
+    raw = _load_json(uri, quarantine, split)
+    if raw is _UNREADABLE:
         return None
+    if not isinstance(raw, dict):
+        quarantine.add(uri, "malformed_question", f"expected a JSON object, got {type(raw).__name__}",
+                       split=split, source=uri)
+        return None
+    return raw
 
 
 def load_questions(uri: str, quarantine: Quarantine, split: str | None = None) -> dict[str, list[str]]:
     """Frame path -> questions. Entries that are not strings or hold no question are quarantined."""
-    raw = _load_json(uri, quarantine, split)
+    raw = _load_json_object(uri, quarantine, split)
     if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        quarantine.add(uri, "malformed_question", f"expected a JSON object, got {type(raw).__name__}",
-                       split=split, source=uri)
         return {}
     questions = {}
     for key, value in raw.items():
@@ -62,8 +72,8 @@ def load_questions(uri: str, quarantine: Quarantine, split: str | None = None) -
 
 def load_paraphrases(uri: str, quarantine: Quarantine) -> dict[str, list[str]]:
     """Narration -> paraphrases, with alias entries resolved to their target's list."""
-    raw = _load_json(uri, quarantine, None)
-    if not isinstance(raw, dict):
+    raw = _load_json_object(uri, quarantine, None)
+    if raw is None:
         return {}
     out = {}
     for key, value in raw.items():

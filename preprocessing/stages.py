@@ -191,3 +191,65 @@ def run_samples_stage(out: str, splits: tuple[str, ...], media: MediaConfig, sha
     update_manifest(out, "samples", config, split_stats, {"seconds": round(time.perf_counter() - t0, 2),
                                                           "state_dir": layout.STATE_DIR})
     return split_stats
+
+
+# ---------------------------------------------------------------------------------------------
+# splits a stage wrote nothing for: why, and what fixes it
+
+OUTPUT_UNITS = {"index": "actions", "samples": "samples", "features": "feature rows"}
+
+
+def _reason_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items()))
+
+
+def _empty_index_cause(stats: dict, out: str) -> str:
+    dropped = {**stats.get("skipped", {}), **stats.get("quarantined", {})}
+    if not stats["read"]:
+        return (f"its annotation CSV holds no usable row (empty, unreadable or missing columns: "
+                f"{layout.index_quarantine_path(out)}); check the CSV that --annotations or --csv SPLIT=FILE names")
+    return (f"all {stats['read']} actions were skipped or quarantined ({_reason_counts(dropped)}); "
+            f"see {layout.index_quarantine_path(out)}")
+
+
+def _empty_samples_cause(stats: dict, out: str) -> str:
+    unlabelled, quarantined = stats.get("unlabelled_skipped", 0), stats.get("quarantined", {})
+    if not stats["read"]:
+        return "the index holds no action; see the index stage's counts in " + layout.manifest_path(out)
+    if unlabelled == stats["read"]:
+        return (f"none of its {unlabelled} indexed actions has a trajectory label and --unlabelled skip drops "
+                f"them; pass --labels DIR (hoi-forecast labels) to the index stage, or --unlabelled keep")
+    parts = [f"{unlabelled} have no trajectory label (pass --labels DIR, or --unlabelled keep)"] if unlabelled else []
+    parts.append(f"{sum(quarantined.values())} were quarantined ({_reason_counts(quarantined)}; "
+                 f"see {layout.quarantine_dir(out)})")
+    return f"of its {stats['read']} indexed actions " + " and ".join(parts)
+
+
+def _empty_features_cause(stats: dict, out: str) -> str:
+    if not stats.get("shards"):
+        if stats.get("shards_not_ready"):
+            return f"its {stats['shards_not_ready']} sample shards are unfinished; rerun --stage samples"
+        return "it has no sample shard; run --stage samples first"
+    if not stats.get("read"):
+        return "its sample shards hold no sample; see the samples stage's counts in " + layout.manifest_path(out)
+    return (f"the frames of all {stats['read']} samples are undecodable "
+            f"({_reason_counts(stats.get('quarantined', {}))}); see {layout.quarantine_dir(out)}")
+
+
+EMPTY_OUTPUT_CAUSES = {"index": _empty_index_cause, "samples": _empty_samples_cause,
+                       "features": _empty_features_cause}
+
+
+def empty_output_warnings(report: dict[str, dict[str, dict]], out: str) -> list[str]:
+    """One line per stage and cause where a stage of ``report`` ({stage: {split: stats}}, as the
+    stage functions return them) wrote nothing for a split: the splits, the cause and the flag or
+    file that helps. Empty when every split got output."""
+    lines = []
+    for stage, split_stats in report.items():
+        splits_by_cause: dict[str, list[str]] = {}
+        for split, stats in split_stats.items():
+            if stats.get("written", 0) == 0:
+                splits_by_cause.setdefault(EMPTY_OUTPUT_CAUSES[stage](stats, out), []).append(split)
+        lines += [f"{stage} wrote 0 {OUTPUT_UNITS[stage]} for {', '.join(splits)}: {cause}"
+                  for cause, splits in splits_by_cause.items()]
+    return lines

@@ -20,6 +20,7 @@ from preprocessing import layout, storage
 
 TRAIN_COLUMNS = ["sample_id", "narration", "narration_paraphrases", "noun", "rbhp_questions",
                  "future_hands", "future_valid", "obs_jpeg"]
+PATH_COLUMN = "path"  # include_paths=True: the shard each row came from (FeatureLookup)
 READ_TASK_CPUS = 0.25  # Ray Data read tasks share the CPUs of the training workers that consume them
 SHUFFLE_BUFFER_MICRO_BATCHES = 4  # local shuffle buffer of a rank's row stream
 
@@ -55,6 +56,12 @@ def plan_data(samples_dir: str, world_size: int, micro_batch: int, accumulation:
             "total_rows": sum(rows.values()), "fixed_batch_file": sorted(files)[0]}
 
 
+def total_steps(steps_per_epoch: int, epochs: int, max_steps: int | None) -> int:
+    """The optimizer steps a run trains: the planned ``epochs`` x ``steps_per_epoch``, or fewer with ``max_steps``."""
+    planned = steps_per_epoch * epochs
+    return min(max_steps or planned, planned)
+
+
 def shard_rows(uri: str, limit: int | None = None) -> list[dict]:
     """The training columns of one sample shard (its first ``limit`` rows), each row with its shard
     ``path`` as Ray Data's ``include_paths`` gives it (what :class:`FeatureLookup` keys on)."""
@@ -62,7 +69,7 @@ def shard_rows(uri: str, limit: int | None = None) -> list[dict]:
     table = pq.read_table(path, filesystem=fs, columns=TRAIN_COLUMNS)
     if limit is not None:
         table = table.slice(0, limit)
-    return [{**row, "path": path} for row in table.to_pylist()]
+    return [{**row, PATH_COLUMN: path} for row in table.to_pylist()]
 
 
 def epoch_files(files: list[str], seed: int, epoch: int, rank: int) -> list[str]:
@@ -86,8 +93,8 @@ def iter_rows(files: list[str], micro_batch: int, seed: int, epoch: int, rank: i
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
-    ds = ray.data.read_parquet(epoch_files(files, seed, epoch, rank), columns=TRAIN_COLUMNS, include_paths=True,
-                               ray_remote_args={"num_cpus": READ_TASK_CPUS})
+    ds = ray.data.read_parquet(epoch_files(files, seed, epoch, rank), include_paths=True, num_cpus=READ_TASK_CPUS)
+    ds = ds.select_columns([*TRAIN_COLUMNS, PATH_COLUMN])  # projected into the read; `columns=` is deprecated
     for batch in ds.iter_batches(batch_size=micro_batch, batch_format="pyarrow", drop_last=True,
                                  local_shuffle_buffer_size=SHUFFLE_BUFFER_MICRO_BATCHES * micro_batch,
                                  local_shuffle_seed=shuffle_seed(seed, epoch, rank)):
@@ -111,7 +118,7 @@ class FeatureLookup:
         means, grids = [None] * len(rows), [None] * len(rows)
         by_shard: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
-            by_shard.setdefault(layout.shard_id(row["path"]), []).append(i)
+            by_shard.setdefault(layout.shard_id(row[PATH_COLUMN]), []).append(i)
         for shard, idx in by_shard.items():
             if shard not in self.tables:
                 if len(self.tables) >= self.KEEP_SHARDS:

@@ -4,15 +4,29 @@ Usage::
 
     python -m synthkitchens --out DIR [--videos 24] [--seed 0] [--actions-per-video 12]
         [--fps 30.0] [--rgb-frames 0] [--workers 2] [--no-videos]
+
+It ends with the ``pipelines/preprocess.py`` command that preprocesses the tree into ``DIR-data``.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 
 import synthkitchens
 from synthkitchens.gap_report import language_gap_report
-from synthkitchens.generate import GENERATOR_VERSION, SPLITS, generate
+from synthkitchens.generate import GENERATOR_VERSION, SPLITS, generate, preprocess_source_args
+
+PREPROCESSED_SUFFIX = "-data"  # the suggested preprocessing output: a sibling of the tree, never inside it
+
+
+def preprocess_command(out_dir: str, with_videos: bool = True) -> str:
+    """The shell command that preprocesses the tree in ``out_dir`` into ``out_dir-data``: index and
+    samples, or the index only for a tree without videos."""
+    out = str(out_dir).rstrip("/")
+    stage = [] if with_videos else ["--stage", "index"]
+    return shlex.join(["python", "pipelines/preprocess.py", *preprocess_source_args(out),
+                       "--out", out + PREPROCESSED_SUFFIX, *stage])
 
 
 def main(argv=None) -> dict:
@@ -43,6 +57,7 @@ def main(argv=None) -> dict:
         print(f"  validation ADE: constant velocity {gap['ade_constant_velocity']:.4f}, "
               f"text-free oracle {gap['ade_text_free_oracle']:.4f}, text oracle {gap['ade_text_oracle']:.4f}, "
               f"question only {gap['ade_question_only']:.4f} (shuffled {gap['ade_shuffled_question']:.4f})")
+    print(f"next: {preprocess_command(args.out, with_videos=not args.no_videos)}")
     return summary
 
 

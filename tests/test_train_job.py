@@ -54,6 +54,7 @@ def test_train_checkpoint_resume_export_and_mlflow(synth_data, tmp_path, mlflow_
         assert sorted(history[key]) == list(range(1, 9)), key
     fixed = history["eval/fixed_batch_loss"]
     assert sorted(fixed) == [0, 4, 8] and fixed[8] < fixed[0]  # the loss goes down on a fixed batch
+    assert sorted(history["val/vhp/ade"]) == sorted(history["val/rbhp/coverage"]) == [4, 8]  # validation, ZeRO-2 and 3
     assert run.data.tags["zero_stage"] == str(zero_stage) and run.data.tags["world_size"] == "2"
     assert run.data.params["model.name"] == "tiny" and run.data.params["train.zero_stage"] == str(zero_stage)
 
@@ -101,7 +102,7 @@ def test_feature_cache_gives_the_online_result(synth_data, tmp_path, mlflow_uri)
     assert b["eval/fixed_batch_loss"][2] == pytest.approx(a["eval/fixed_batch_loss"][2], rel=1e-5)
 
 
-def test_tune_sweep_logs_one_mlflow_run_per_trial(synth_data, tmp_path, mlflow_uri):
+def test_tune_sweep_logs_one_parent_run_with_a_nested_run_per_trial(synth_data, tmp_path, mlflow_uri):
     from mlflow.tracking import MlflowClient
 
     from pipelines import tune
@@ -118,3 +119,13 @@ def test_tune_sweep_logs_one_mlflow_run_per_trial(synth_data, tmp_path, mlflow_u
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     assert sorted(r.data.params["train.lr"] for r in runs) == ["0.001", "0.003"]
     assert all("eval/fixed_batch_loss" in r.data.metrics for r in runs)
+
+    (parent,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`handsonvlm.run_name` = '{sweep}'")
+    assert parent.data.tags["stage"] == "sweep" and parent.info.status == "FINISHED"
+    assert parent.data.params["search_space.params.train.lr.grid"] == "[0.001, 0.003]"
+    nested = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_id for r in nested) == sorted(r.info.run_id for r in runs)
+    best = min(runs, key=lambda r: r.data.metrics["eval/fixed_batch_loss"])
+    assert parent.data.tags["best_trial_run_id"] == best.info.run_id
+    assert parent.data.metrics["best/fixed_batch_loss"] == pytest.approx(best.data.metrics["eval/fixed_batch_loss"])
+    assert not client.search_registered_models()  # trials are candidates: none is registered
