@@ -9,6 +9,7 @@ frozen-vision features.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from preprocessing import layout, storage
 
 TRAIN_COLUMNS = ["sample_id", "narration", "narration_paraphrases", "noun", "rbhp_questions",
                  "future_hands", "future_valid", "obs_jpeg"]
+RAY_DATA_LOGGER = "ray.data"
 PATH_COLUMN = "path"  # include_paths=True: the shard each row came from (FeatureLookup)
 READ_TASK_CPUS = 0.25  # Ray Data read tasks share the CPUs of the training workers that consume them
 SHUFFLE_BUFFER_MICRO_BATCHES = 4  # local shuffle buffer of a rank's row stream
@@ -90,6 +92,9 @@ def iter_rows(files: list[str], micro_batch: int, seed: int, epoch: int, rank: i
     seeded buffer, so a resumed run sees exactly the same batches."""
     import ray
 
+    # One dataset per epoch and rank: Ray Data's INFO lines about starting, planning and finishing each
+    # execution would fill the training log (40 of each in `make demo`); its warnings still show.
+    logging.getLogger(RAY_DATA_LOGGER).setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
