@@ -195,6 +195,10 @@ class Clips:
         return cls(*(np.stack([r[f.name] for r in rows]) for f in fields(cls)))
 
 
+PROMPT_COLUMNS = ("sample_id", "narration", "rbhp_questions")  # the shard columns build_jobs reads
+CLIP_COLUMNS = tuple(f.name for f in fields(Clips))  # the shard columns the metrics read
+
+
 @dataclass(frozen=True)
 class Answers:
     """A model's answers for N clips: ``trajectories`` [N, K, 2, T, 2] float64 (NaN = a point it did

@@ -91,6 +91,27 @@ def predict(model, frames: np.ndarray, question: str, sampling: SamplingConfig, 
                     temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed)
 
 
+def answer_jobs(model, jobs: list[dict], num_samples: int, max_new_tokens: int, temperature: float,
+                top_p: float, **visual) -> list[dict]:
+    """Answer evaluation ``jobs`` (``evaluation.build_jobs``) in one left-padded call, K samples each,
+    seeded by the first job -> one result dict per job (``evaluation.prediction_row``'s input).
+
+    ``visual``: the clips in job order, as ``frames`` [B, F, 3, S, S] or cached ``frame_means`` and
+    ``frame_grids`` (see ``generation.generate``)."""
+    from handsonvlm.data import encode_conversation, pad_sequences
+    from handsonvlm.generation import generate
+
+    device = next(model.parameters()).device
+    ids = [encode_conversation(model.tokenizer, [(job["question"], None)], model.cfg)[0] for job in jobs]
+    input_ids, mask = pad_sequences(ids, model.tokens.pad, side="left")
+    result = generate(model, input_ids.to(device), mask.to(device), num_samples=num_samples,
+                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                      seed=int(jobs[0]["seed"]), **{k: v.to(device) for k, v in visual.items()})
+    traj = result.trajectories.detach().float().cpu().numpy()
+    return [{"answers": list(result.texts[i]), "trajectories": traj[i], "complete": result.complete[i].cpu().numpy(),
+             "hand_counts": result.hand_counts[i].cpu().numpy()} for i in range(len(jobs))]
+
+
 def first_clip(result) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The samples of clip 0: trajectories ``[K, 2, T, 2]``, complete ``[K]`` bool, hand-token counts."""
     return (result.trajectories[0].detach().float().cpu().numpy(),

@@ -33,15 +33,15 @@ TASKS = (VHP, RBHP)
 LOGGED_METRICS = ("ade", "fde", "coverage", ADE_OVER_BASELINE)
 DURATION_METRIC = f"{PREFIX}/duration_s"  # what one validation costs, logged with its metrics
 NUM_SAMPLES = 1  # greedy decoding gives one answer per prompt
+GREEDY = 0.0  # temperature: argmax tokens (top-p then plays no part)
 MAX_NEW_TOKENS = EvalConfig().max_new_tokens  # the answer budget of evaluation
 PROMPTS_PER_CALL = 16  # prompts per generation call: one call for the default 8 clips x 2 tasks
 CLIP_CHOICE_STREAM = 7  # seeds the clip choice apart from every other use of train.seed
 # the columns validation reads from a sample shard: prompts, frames, targets and the past track
 # (the baselines of the ADE ratio)
-COLUMNS = ["sample_id", "narration", "rbhp_questions", "obs_jpeg", "future_hands", "future_valid",
-           "past_hands", "past_hands_valid"]
+COLUMNS = [*evaluation.PROMPT_COLUMNS, "obs_jpeg", *evaluation.CLIP_COLUMNS]
 ARRAY_DTYPES = {"future_hands": np.float32, "future_valid": bool, "past_hands": np.float32,
-                "past_hands_valid": bool}  # as the shards store them (evaluate.py reads the same)
+                "past_hands_valid": bool}  # as the shards store them
 
 
 def choose_clips(sample_ids: Sequence[str], count: int, seed: int) -> list[str]:
@@ -89,26 +89,17 @@ class ValidationSet:
                 means, grids = model.frame_features(frames[None].to(device))
                 self.features[sample_id] = (means[0].cpu(), grids[0].cpu())
 
-    def answers(self, model, device: torch.device) -> list[dict]:
+    def answers(self, model) -> list[dict]:
         """Every job's prediction row (``evaluation.prediction_row``), greedy, in job order."""
-        from handsonvlm.data import encode_conversation, pad_sequences
-        from handsonvlm.generation import generate
+        from handsonvlm.inference import answer_jobs
 
         rows = []
         for start in range(0, len(self.jobs), PROMPTS_PER_CALL):
             jobs = self.jobs[start:start + PROMPTS_PER_CALL]
-            ids = [encode_conversation(model.tokenizer, [(job["question"], None)], model.cfg)[0] for job in jobs]
-            input_ids, mask = pad_sequences(ids, model.tokens.pad, side="left")
-            means, grids = (torch.stack([self.features[job["sample_id"]][i] for job in jobs]).to(device)
-                            for i in range(2))
-            result = generate(model, input_ids.to(device), mask.to(device), frame_means=means, frame_grids=grids,
-                              num_samples=NUM_SAMPLES, max_new_tokens=self.max_new_tokens, temperature=0.0,
-                              seed=int(jobs[0]["seed"]))
-            traj = result.trajectories.detach().float().cpu().numpy()
-            rows += [evaluation.prediction_row(job, {"answers": result.texts[i], "trajectories": traj[i],
-                                                     "complete": result.complete[i].cpu().numpy(),
-                                                     "hand_counts": result.hand_counts[i].cpu().numpy()},
-                                               NUM_SAMPLES) for i, job in enumerate(jobs)]
+            means, grids = (torch.stack([self.features[job["sample_id"]][i] for job in jobs]) for i in range(2))
+            results = answer_jobs(model, jobs, NUM_SAMPLES, self.max_new_tokens, GREEDY, EvalConfig().top_p,
+                                  frame_means=means, frame_grids=grids)
+            rows += [evaluation.prediction_row(job, result, NUM_SAMPLES) for job, result in zip(jobs, results)]
         return evaluation.reconcile(self.jobs, rows, NUM_SAMPLES)
 
 
@@ -124,7 +115,7 @@ def validate(model, validation: ValidationSet, device: torch.device) -> dict[str
         model.eval()
         try:
             validation.frame_features(model, device)
-            preds = validation.answers(model, device)
+            preds = validation.answers(model)
         finally:
             model.train(was_training)
     metrics = evaluation.metrics_from_rows(preds, validation.clips, NUM_SAMPLES, validation.tasks)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 from pathlib import Path
@@ -120,13 +119,11 @@ def trained_preset(model_dir: str, default: str) -> str:
     """The preset an exported model was trained from: each preset names its model after itself
     (``model.name``), which the export keeps; ``default`` when that name is not a preset in configs/
     (or ``model_dir`` is no export)."""
-    if not Path(model_dir).is_dir():
-        return default
     from handsonvlm.config import CONFIG_DIR
-    from handsonvlm.model import CONFIG_FILE
+    from handsonvlm.inference import ModelLoadError, read_model_config
 
     try:
-        name = str(json.loads((Path(model_dir) / CONFIG_FILE).read_text())["name"])
-    except (OSError, ValueError, KeyError):
+        name = read_model_config(model_dir).name
+    except (ModelLoadError, OSError):
         return default
     return name if Path(name).name == name and (CONFIG_DIR / f"{name}.yaml").is_file() else default

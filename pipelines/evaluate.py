@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from handsonvlm import evaluation
@@ -39,11 +38,12 @@ from handsonvlm.inference import ModelLoadError, check_export, read_model_config
 from pipelines import common, tracking
 from preprocessing import layout, storage
 from preprocessing.features import map_batches_without_restarts
+from preprocessing.training_data import read_shard
 
 EVAL_FLAGS = tuple(f.name for f in fields(EvalConfig))  # every key has its flag: --split ... --gallery
 DEFAULT_PRESET = "tiny"
-TEXT_COLUMNS = ["sample_id", "narration", "rbhp_questions"]
-TENSOR_COLUMNS = ["future_hands", "future_valid", "past_hands", "past_hands_valid"]
+TEXT_COLUMNS = list(evaluation.PROMPT_COLUMNS)
+TENSOR_COLUMNS = list(evaluation.CLIP_COLUMNS)
 FRAME_COLUMNS = ["sample_id", "obs_jpeg"]
 URI_OUTPUT_ROOT = "runs"  # where the outputs go when --data is a URI (the job's working directory)
 MAX_ERROR_CHARS = 2000
@@ -66,18 +66,10 @@ def generate_for_jobs(model, jobs: list[dict], frames: list, settings: EvalConfi
     each, seeded by the first job -> one result dict per job (see ``evaluation.prediction_row``)."""
     import torch
 
-    from handsonvlm.data import encode_conversation, pad_sequences
-    from handsonvlm.generation import generate
+    from handsonvlm.inference import answer_jobs
 
-    device = next(model.parameters()).device
-    ids = [encode_conversation(model.tokenizer, [(job["question"], None)], model.cfg)[0] for job in jobs]
-    input_ids, mask = pad_sequences(ids, model.tokens.pad, side="left")
-    result = generate(model, input_ids.to(device), mask.to(device), frames=torch.stack(frames).to(device),
-                      num_samples=settings.num_samples, max_new_tokens=settings.max_new_tokens,
-                      temperature=settings.temperature, top_p=settings.top_p, seed=int(jobs[0]["seed"]))
-    traj = result.trajectories.detach().float().cpu().numpy()
-    return [{"answers": list(result.texts[i]), "trajectories": traj[i], "complete": result.complete[i].cpu().numpy(),
-             "hand_counts": result.hand_counts[i].cpu().numpy()} for i in range(len(jobs))]
+    return answer_jobs(model, jobs, settings.num_samples, settings.max_new_tokens, settings.temperature,
+                       settings.top_p, frames=torch.stack(frames))
 
 
 class Predictor:
@@ -149,11 +141,7 @@ def predict(jobs: list[dict], where: dict[str, str], model_dir: str, settings: E
 def read_shards(paths, columns: list[str], sample_ids: list[str] | None = None):
     """(shard path, pyarrow table of ``columns``) per shard: every row, or those of ``sample_ids``."""
     for path in paths:
-        fs, inner = storage.resolve(path)
-        table = pq.read_table(inner, filesystem=fs, columns=columns)
-        if sample_ids is not None:
-            table = table.filter(pc.is_in(table.column("sample_id"), value_set=pa.array(sample_ids)))
-        yield path, table
+        yield path, read_shard(path, columns, sample_ids)
 
 
 def read_clips(samples_dir: str) -> tuple[list[dict], dict[str, str]]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a bare checkout / job working_dir
 
-from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, init_ray, setup_logging
+from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, add_ray_flags, init_ray, setup_logging
 from preprocessing import layout, storage
 from preprocessing.epic import SPLIT_FILES
 from preprocessing.features import DEFAULT_FEATURE_DTYPE, FEATURE_DTYPES, feature_key, run_features_stage
@@ -81,8 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--feature-rows-per-call", type=int, default=1,
                    help="clips per tower call; 1 makes features bit-identical to the model's per-clip "
                         "frame_features, more is faster on GPUs")
-    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    add_ray_flags(p)
     p.add_argument("--object-store-memory", type=int, default=DEFAULT_OBJECT_STORE_BYTES,
                    help="bytes of the local Ray's object store")
     p.add_argument("--no-progress", action="store_true")

@@ -20,14 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a bare checkout / job working_dir
 
-import pyarrow.parquet as pq
 
 from handsonvlm import validation
 from handsonvlm.config import ModelConfig, TrainConfig, add_section_flags, load_preset, section_overrides
 from pipelines import tracking
-from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, absolute_uri, init_ray, setup_logging
+from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, absolute_uri, add_ray_flags, init_ray, setup_logging
 from preprocessing import layout, storage
-from preprocessing.training_data import feature_cache_plan, plan_data, total_steps
+from preprocessing.training_data import feature_cache_plan, plan_data, read_shard, total_steps
 
 DEFAULT_STORAGE = "runs/ray_results"
 TRAIN_FLAGS = ("data", "max_steps", "num_workers", "zero_stage")  # --data, --max-steps, ...: train.<name>
@@ -49,8 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Ray Train storage path (checkpoints; local or URI; default: %(default)s)")
     p.add_argument("--max-failures", type=int, default=0,
                    help="worker-group restarts from the last checkpoint (default: %(default)s)")
-    p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray (default: all)")
+    add_ray_flags(p)
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     return p.parse_args(argv)
 
@@ -70,13 +68,6 @@ def resolve_config(preset: str, overrides: list[str]) -> dict:
 
 def export_path_for(export_dir: str, run_name: str) -> str:
     return str(Path(export_dir).absolute() / run_name)
-
-
-def read_shard(uri: str, columns: list[str], sample_ids: list[str] | None = None):
-    """``columns`` of a sample shard (the rows of ``sample_ids`` only, when given) as a pyarrow table."""
-    fs, path = storage.resolve(uri)
-    return pq.read_table(path, filesystem=fs, columns=columns,
-                         filters=[("sample_id", "in", sample_ids)] if sample_ids else None)
 
 
 def plan_validation(data: str, train: dict) -> dict | None:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from handsonvlm.config import TrainConfig, add_section_flags, load_preset, section_overrides
 from pipelines import tracking
-from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, absolute_uri, init_ray, setup_logging
+from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, absolute_uri, add_ray_flags, init_ray, setup_logging
 from pipelines.train import DEFAULT_STORAGE, launch, resolve_config
 from preprocessing.storage import is_local
 
@@ -91,8 +91,7 @@ def main(argv=None) -> int:
     p.add_argument("--name", help="sweep name (default: sweep-<time>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--storage", default=DEFAULT_STORAGE)
-    p.add_argument("--ray-address")
-    p.add_argument("--num-cpus", type=int)
+    add_ray_flags(p)
     args = p.parse_args(argv)
     setup_logging()
     from ray import tune

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -64,11 +66,21 @@ def total_steps(steps_per_epoch: int, epochs: int, max_steps: int | None) -> int
     return min(max_steps or planned, planned)
 
 
+def read_shard(uri: str, columns: list[str], sample_ids: list[str] | None = None) -> pa.Table:
+    """``columns`` of one sample shard as a pyarrow table, in shard order: every row, or only the rows
+    of ``sample_ids``."""
+    fs, path = storage.resolve(uri)
+    table = pq.read_table(path, filesystem=fs, columns=columns)
+    if sample_ids is not None:
+        table = table.filter(pc.is_in(table.column("sample_id"), value_set=pa.array(sample_ids)))
+    return table
+
+
 def shard_rows(uri: str, limit: int | None = None) -> list[dict]:
     """The training columns of one sample shard (its first ``limit`` rows), each row with its shard
     ``path`` as Ray Data's ``include_paths`` gives it (what :class:`FeatureLookup` keys on)."""
-    fs, path = storage.resolve(uri)
-    table = pq.read_table(path, filesystem=fs, columns=TRAIN_COLUMNS)
+    _, path = storage.resolve(uri)
+    table = read_shard(uri, TRAIN_COLUMNS)
     if limit is not None:
         table = table.slice(0, limit)
     return [{**row, PATH_COLUMN: path} for row in table.to_pylist()]
