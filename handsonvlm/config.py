@@ -203,6 +203,12 @@ class TrainConfig(ConfigSection):
     keep_checkpoints: int = 2
     log_every: int = 10
     task_rates: dict | None = None  # None: the mixture's defaults (handsonvlm.mixture.DEFAULT_TASK_RATES)
+    # Draws of the task mixture per epoch (the release: 48,296, i.e. an epoch is that many random
+    # draws, not a pass over the clips); None: as many draws as the split has clips.
+    samples_per_epoch: int | None = field(default=None, metadata={"help": "mixture draws per epoch"})
+    # Host memory per rank for sample rows read from the shards (row groups, least recently used
+    # out); the draws are random, so a split that fits is read from disk once per run.
+    row_cache_mb: int = 1024
     rephrase_rate: float = 0.5
     feature_cache: str = "auto"  # auto: use OUT/features/<vision key> when present
     export_dir: str = "runs/models"
@@ -225,11 +231,32 @@ class TrainConfig(ConfigSection):
         _check_choice("train", "feature_cache", self.feature_cache, FEATURE_CACHE_MODES)
         if min(self.num_workers, self.micro_batch_size, self.gradient_accumulation_steps, self.epochs) < 1:
             raise ValueError("train.num_workers, micro_batch_size, gradient_accumulation_steps and epochs must be >= 1")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ValueError(f"train.samples_per_epoch must be >= 1 (or null), got {self.samples_per_epoch}")
+        if self.row_cache_mb < 0:
+            raise ValueError(f"train.row_cache_mb must be >= 0, got {self.row_cache_mb}")
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["betas"] = list(self.betas)
         return out
+
+
+@dataclass
+class DataConfig(ConfigSection):
+    """The ``data:`` section of a preset: what the conversations are made of.
+
+    ``templates``: a JSON file of question/answer template lists, as ``python -m handsonvlm.compat
+    templates --release-repo PATH --out FILE`` writes it from a clone of the release. Release mode
+    needs it (the release's wordings are its training distribution and are read from the user's
+    copy, not shipped here); corrected mode uses it when given, else the project's own wordings."""
+
+    section = "data"
+
+    templates: str | None = None
+
+    def __post_init__(self):
+        _check_scalar_types(self)
 
 
 @dataclass
