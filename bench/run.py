@@ -132,7 +132,8 @@ def scaling_section(samples_dir: Path) -> dict:
     batch, _ = rows_to_batch(rows[:2], model, mixture, 0, torch.device("cpu"))
     big_cfg = load_model_config("vicuna-7b")
     template = TEMPLATES[big_cfg.prompt_template]
-    conversations = ["".join(text for text, _ in template.render(mixture.choose(row, 0, big_cfg)[1])) for row in rows]
+    conversations = ["".join(text for text, _ in template.render(turns))
+                     for _, _, turns in mixture.epoch_conversations(rows, len(rows), 0, big_cfg)]
     text_tokens = mean_text_tokens(conversations)
     return {"tiny_check": validate_on_tiny(model, batch), "text_tokens": text_tokens, "mfu": MFU,
             "gpu": None, "note": "no GPU available to this run: projections only",

@@ -1,15 +1,15 @@
 """Training: the Ray Train + DeepSpeed ZeRO-2 loop (2 workers) vs a plain single-process PyTorch
 loop on the same model, data and total cores; and either loop with vs without the feature cache.
 
-Ray side: :func:`pipelines.train.launch` on the tiny preset (the real job: Ray Data reading, the
+Ray side: :func:`pipelines.train.launch` on the tiny preset (the real job: the draw stream, the
 seeded task mixture, DeepSpeed, gloo) with MLflow logging into a private sqlite store. The loop
 logs ``train/samples_per_s`` once every ``log_every`` steps, measured over those steps; the
 windows that contain warm-up steps are dropped and the median of the others is the rate.
 
 Plain side (:func:`plain_loop`): one process, ``torch.set_num_threads(total cores)``, global batch
 = workers x micro-batch, the job's own set-up and batches (``handsonvlm.training.build_training``,
-``rows_to_batch``, ``plain_step``; ``preprocessing.training_data.FeatureLookup``, ``epoch_files``)
-with the shards read by pyarrow instead of Ray Data. It times the same windows the same way.
+``rows_to_batch``, ``plain_step``; ``preprocessing.training_data.DrawStream``, ``FeatureLookup``)
+in one process. It times the same windows the same way.
 """
 
 from __future__ import annotations
@@ -22,10 +22,19 @@ from pathlib import Path
 import torch
 
 from bench.common import Sizes, median, timed
+from handsonvlm.mixture import Mixture
 from handsonvlm.training import build_training, plain_step, rows_to_batch
 from pipelines import train as train_job
 from preprocessing import layout
-from preprocessing.training_data import FeatureLookup, epoch_files, feature_cache_plan, plan_data, shard_rows
+from preprocessing.training_data import (
+    MB,
+    DrawStream,
+    FeatureLookup,
+    RowStore,
+    feature_cache_plan,
+    plan_data,
+    shard_rows,
+)
 
 NUM_WORKERS = 2
 ZERO_STAGE = 2
@@ -88,37 +97,35 @@ def plain_loop(data_root: Path, sizes: Sizes, feature_cache: str, threads: int) 
     config = job_config(data_root, sizes, feature_cache, data_root / "unused-exports")
     train, cfg = TrainConfig.from_dict(config["train"]), ModelConfig.from_dict(config["model"])
     batch_size = train.micro_batch_size * NUM_WORKERS  # the Ray job's global batch
-    plan = plan_data(layout.samples_dir(str(data_root), train.split), 1, batch_size, 1)
-    cache = feature_cache_plan(str(data_root), train.split, plan["files"][0], config["model"], feature_cache)
+    plan = plan_data(layout.samples_dir(str(data_root), train.split), 1, batch_size, 1,
+                     Mixture.from_config(train.to_dict(), cfg), train.samples_per_epoch)
+    cache = feature_cache_plan(str(data_root), train.split, plan["files"], config["model"], feature_cache)
     features = FeatureLookup(**cache) if cache else None
     if feature_cache == "on" and features is None:
         raise FileNotFoundError("feature cache requested but not available")
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    stream = None
     try:
         parts = build_training(train, cfg, plan["steps_per_epoch"] * train.epochs)
         generator = torch.Generator().manual_seed(train.seed)
         device = torch.device("cpu")
-
+        # The job's input pipeline: the same draws, row store and background preparation; a step's time
+        # includes any wait for its batch.
+        stream = DrawStream(plan, parts.mixture, 0, RowStore(plan, train.row_cache_mb * MB),
+                            lambda rows, epoch: rows_to_batch(rows, parts.model, parts.mixture, epoch, device,
+                                                              features)[0])
+        batches = iter(stream)
         step_seconds: list[float] = []
-        epoch = 0
         while len(step_seconds) < sizes.train_warmup_steps + sizes.train_steps:
-            # Reading is timed with the step it feeds, as the Ray loop's windows include its reads.
             start = time.perf_counter()
-            rows = iter(read_rows(epoch_files(plan["files"][0], train.seed, epoch, 0)))
-            read_s = time.perf_counter() - start
-            for _ in range(plan["steps_per_epoch"]):
-                if len(step_seconds) >= sizes.train_warmup_steps + sizes.train_steps:
-                    break
-                start = time.perf_counter()
-                batch, _ = rows_to_batch([next(rows) for _ in range(batch_size)], parts.model, parts.mixture, epoch,
-                                         device, features)
-                plain_step(parts, batch, generator, train.max_grad_norm)
-                step_seconds.append(time.perf_counter() - start + read_s)
-                read_s = 0.0
-            epoch += 1
+            _, _, batch = next(batches)
+            plain_step(parts, batch, generator, train.max_grad_norm)
+            step_seconds.append(time.perf_counter() - start)
     finally:
+        if stream is not None:
+            stream.close()
         torch.set_num_threads(previous_threads)
 
     measured = step_seconds[sizes.train_warmup_steps:]

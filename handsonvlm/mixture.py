@@ -1,8 +1,12 @@
-"""The seeded training task mixture: which task (VHP, RBHP, ...) and which conversation a row gets.
+"""The seeded training task mixture: which task (VHP, RBHP, ...) each draw trains and on which clip.
 
-Every random choice for a sample comes from a generator derived only from (seed, epoch,
-sample_id), so a row's conversation is the same on every worker and in any order (the release's
-``HybridDataset`` is OS-seeded and cannot be replayed). Pieces, task choice, the deliberate
+As the release's ``HybridDataset``, an epoch is a number of *draws*, not a pass over the clips:
+each draw picks a task by its rate, then a clip uniformly from that task's own pool (VHP: every
+clip with a narration; RBHP: the clips with reasoning questions), so RBHP gets its rate however
+few clips have questions, and those clips are seen several times per epoch. Every random choice
+comes from generators derived only from (seed, epoch) for the draws and (seed, epoch, sample_id,
+task, draw index) for a conversation, so the draws are the same on every worker, in any order and
+after a restart (the release's are OS-seeded and cannot be replayed). Pieces, the deliberate
 deviations from the release and how LITA co-training sources plug in: docs/MODEL.md, "The
 training mixture".
 """
@@ -39,6 +43,9 @@ DEFAULT_REPHRASE_RATE = 0.5
 VHP_MODES = (0, 1, 2, 3)
 TASK_STREAM = "task"
 EVAL_STREAM = "eval"
+DRAWS_STREAM = "draws"
+# The keys a drawn row carries (set by :func:`drawn_rows`): its task and its draw index in the epoch.
+DRAW_TASK, DRAW_INDEX = "task", "draw"
 _U64 = (1 << 64) - 1
 
 
@@ -111,6 +118,18 @@ class TaskSource(Protocol):
         ...
 
 
+def serves(source: TaskSource, row: Mapping) -> bool:
+    """Whether ``row`` is in ``source``'s pool: its ``serves(row)`` if it has one, else every row
+    (a co-training source that owns its data ignores the EPIC row anyway)."""
+    test = getattr(source, "serves", None)
+    return True if test is None else bool(test(row))
+
+
+def dataset_of(source: TaskSource, task: str) -> str:
+    """The dataset a task's draws come from (``source.dataset``, else the task's own name)."""
+    return str(getattr(source, "dataset", task))
+
+
 @dataclass
 class Media:
     """A source's own clip and targets (shapes as :class:`data.Example`); None = zeros/invalid."""
@@ -140,6 +159,7 @@ class VHPSource:
 
     rephrase_rate: float = DEFAULT_REPHRASE_RATE
     name: str = "vhp"
+    dataset: str = "epic"
 
     def __post_init__(self):
         if not 0.0 <= float(self.rephrase_rate) <= 1.0:
@@ -177,6 +197,9 @@ class VHPSource:
         options = ACTION_PREDICTION_ANSWERS + (ACTION_PREDICTION_NOUN_ANSWERS if noun else ())
         return _pick(options, rng).format(narration=narration, noun=noun)
 
+    def serves(self, row: Mapping) -> bool:
+        return _text(row.get("narration")) is not None
+
     def conversation(self, row: dict, rng: np.random.Generator, cfg: ModelConfig) -> Turns | None:
         drawn = self.draw(row, rng, cfg)
         return None if drawn is None else drawn.turns
@@ -187,6 +210,10 @@ class RBHPSource:
     """The release's ``EpicReasoningConversationDataset``, seeded."""
 
     name: str = "rbhp"
+    dataset: str = "epic"
+
+    def serves(self, row: Mapping) -> bool:
+        return has_rbhp(row)
 
     def conversation(self, row: dict, rng: np.random.Generator, cfg: ModelConfig) -> Turns | None:
         questions = _strings(row.get("rbhp_questions"))
@@ -226,13 +253,33 @@ def has_rbhp(row: Mapping) -> bool:
 # The mixture
 
 
+@dataclass(frozen=True)
+class EpochDraws:
+    """The draws of one epoch: draw ``j`` trains task ``names[tasks[j]]`` on clip ``rows[j]``.
+
+    ``rows`` index the clip list the pools were built from (the split's rows in plan order)."""
+
+    epoch: int
+    names: tuple[str, ...]
+    tasks: np.ndarray  # [N] int64, index into names
+    rows: np.ndarray  # [N] int64, clip index
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def counts(self, stop: int | None = None) -> dict[str, int]:
+        """Draws per task among the first ``stop`` draws (default: all)."""
+        counts = np.bincount(self.tasks[:stop], minlength=len(self.names))
+        return {name: int(c) for name, c in zip(self.names, counts)}
+
+
 class Mixture:
-    """Draws a task per (row, epoch) by rate among the sources that can serve the row.
+    """Draws tasks by rate and, per task, clips from that task's pool; builds each draw's conversation.
 
     ``sources``: task name -> source (the key is the task's name in rates and reports);
     ``rates``: task name -> non-negative weight (renormalised; the keys must equal the sources');
     ``seed``: non-negative integer; ``cfg``: the model config given to the sources (may instead be
-    passed to :meth:`choose`).
+    passed to :meth:`conversation`).
     """
 
     def __init__(self, sources: Mapping[str, TaskSource], rates: Mapping[str, float], seed: int = 0,
@@ -285,28 +332,72 @@ class Mixture:
         total = sum(self.rates[n] for n in names)
         return {n: (self.rates[n] / total if total > 0 else 0.0) for n in names}
 
-    def source_rng(self, row: Mapping, epoch: int, task: str) -> np.random.Generator:
-        return row_rng(self.seed, epoch, sample_key(row), f"source:{task}")
+    # ---- draws -------------------------------------------------------------------------------
 
-    def choose(self, row: Mapping, epoch: int, cfg: ModelConfig | None = None) -> tuple[str, Turns]:
-        """(task name, turns) for ``row`` at ``epoch``; raises :class:`NoTaskError` if no source serves it."""
+    def pools(self, clips: Sequence[Mapping]) -> dict[str, np.ndarray]:
+        """Task -> the indices (int64, ascending) of the ``clips`` its source can serve."""
+        return {name: np.array([i for i, row in enumerate(clips) if serves(self.sources[name], row)],
+                               dtype=np.int64) for name in self.names}
+
+    def drawn_probabilities(self, pools: Mapping[str, np.ndarray]) -> dict[str, float]:
+        """The task probabilities of the draws: the rates renormalised over the tasks whose pool is
+        not empty (a task with no clip to serve cannot be drawn). Raises :class:`NoTaskError` if none can."""
+        available = [n for n in self.names if self.rates[n] > 0 and len(pools.get(n, ())) > 0]
+        if not available:
+            sizes = {n: len(pools.get(n, ())) for n in self.names}
+            raise NoTaskError(f"no task of the mixture {dict(self.rates)} has a clip to serve: pool sizes {sizes} "
+                              "(no narrations and no RBHP questions?)")
+        return self.probabilities(available)
+
+    def draw_epoch(self, pools: Mapping[str, np.ndarray], count: int, epoch: int) -> EpochDraws:
+        """``count`` draws of ``epoch``: a task by :meth:`drawn_probabilities`, then a clip uniformly
+        from that task's pool (with replacement), vectorised; a function of (seed, epoch, pools) only."""
+        probs = self.drawn_probabilities(pools)
+        if int(epoch) < 0 or int(count) < 0:
+            raise ValueError(f"epoch and count must be non-negative, got epoch={epoch}, count={count}")
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, int(epoch)],
+                                                           spawn_key=(stable_hash(DRAWS_STREAM),)))
+        p = np.array([probs.get(n, 0.0) for n in self.names], dtype=np.float64)
+        tasks = rng.choice(len(self.names), size=int(count), p=p / p.sum()).astype(np.int64)
+        rows = np.zeros(int(count), dtype=np.int64)
+        for k, name in enumerate(self.names):  # one vectorised draw per task, in the fixed task order
+            chosen = np.flatnonzero(tasks == k)
+            if len(chosen):
+                pool = np.asarray(pools[name], dtype=np.int64)
+                rows[chosen] = pool[rng.integers(len(pool), size=len(chosen))]
+        return EpochDraws(int(epoch), self.names, tasks, rows)
+
+    def source_rng(self, row: Mapping, epoch: int, task: str, draw: int = 0) -> np.random.Generator:
+        """The generator of one draw's conversation (and media): the same clip drawn twice in an
+        epoch gets two independent conversations."""
+        return row_rng(self.seed, epoch, sample_key(row), f"source:{task}:{int(draw)}")
+
+    def conversation(self, row: Mapping, task: str, epoch: int, draw: int = 0,
+                     cfg: ModelConfig | None = None) -> Turns:
+        """The turns of draw ``draw`` of ``epoch``: task ``task`` on ``row``."""
         cfg = cfg or self.cfg
         if cfg is None:
-            raise ValueError("Mixture.choose needs a ModelConfig: give cfg= here or to the Mixture")
-        sid = sample_key(row)
-        task_rng = row_rng(self.seed, epoch, sid, TASK_STREAM)
-        remaining = [n for n in self.names if self.rates[n] > 0]
-        while remaining:
-            weights = np.array([self.rates[n] for n in remaining], dtype=np.float64)
-            cumulative = np.cumsum(weights / weights.sum())
-            index = min(int(np.searchsorted(cumulative, task_rng.random(), side="right")), len(remaining) - 1)
-            name = remaining[index]
-            turns = self.sources[name].conversation(row, self.source_rng(row, epoch, name), cfg)
-            if turns is not None:
-                return name, [(u, a) for u, a in turns]
-            remaining.pop(index)
-        raise NoTaskError(f"no task of the mixture {list(self.names)} can serve row {sid!r} "
-                          "(no narration and no RBHP questions?)")
+            raise ValueError("Mixture.conversation needs a ModelConfig: give cfg= here or to the Mixture")
+        if task not in self.sources:
+            raise KeyError(f"task {task!r} is not one of the mixture's {list(self.names)}")
+        turns = self.sources[task].conversation(row, self.source_rng(row, epoch, task, draw), cfg)
+        if turns is None:
+            raise NoTaskError(f"task {task!r} cannot serve row {sample_key(row)!r} (it is not in the task's pool)")
+        return [(u, a) for u, a in turns]
+
+    def epoch_conversations(self, clips: Sequence[Mapping], count: int, epoch: int,
+                            cfg: ModelConfig | None = None) -> list[tuple[str, str, Turns]]:
+        """(task, sample_id, turns) of the first ``count`` draws of ``epoch`` over ``clips``."""
+        draws = self.draw_epoch(self.pools(clips), count, epoch)
+        return [(self.names[t], sample_key(clips[r]), self.conversation(clips[r], self.names[t], epoch, j, cfg))
+                for j, (t, r) in enumerate(zip(draws.tasks.tolist(), draws.rows.tolist()))]
+
+
+def drawn_rows(rows: Sequence[Mapping], draws: EpochDraws, positions: Sequence[int]) -> list[dict]:
+    """Copies of ``rows`` (the clips of draws ``positions``, in that order) carrying their task and
+    draw index under :data:`DRAW_TASK` / :data:`DRAW_INDEX`: what :func:`make_example` consumes."""
+    return [{**row, DRAW_TASK: draws.names[int(draws.tasks[j])], DRAW_INDEX: int(j)}
+            for row, j in zip(rows, positions)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,18 +420,23 @@ def default_image_size(cfg: ModelConfig) -> int:
 def make_example(row: Mapping, cfg: ModelConfig, tokenizer, mixture: Mixture, epoch: int,
                  frames_fn: Callable[[Mapping], torch.Tensor | None] | None = None,
                  image_size: int | None = None) -> MixtureExample:
-    """Choose a task for ``row`` at ``epoch``, tokenise it, and attach the clip and its targets.
+    """The example of a drawn row (see :func:`drawn_rows`): its task's conversation, tokenised,
+    with the clip and its targets.
 
     Frames: ``frames_fn(row)`` when given (it may return None, e.g. when cached features are used),
     else ``data.clip_frames(row["obs_jpeg"], image_size)``, else None when the row has no JPEGs.
     A source with a ``media`` hook supplies its own frames/targets instead. The task is in
     ``.task`` (and the turns in ``.turns``)."""
-    task, turns = mixture.choose(row, epoch, cfg)
+    if DRAW_TASK not in row or DRAW_INDEX not in row:
+        raise KeyError(f"row {row.get('sample_id')!r} was not drawn: it needs {DRAW_TASK!r} and {DRAW_INDEX!r} "
+                       "(handsonvlm.mixture.drawn_rows)")
+    task, draw = str(row[DRAW_TASK]), int(row[DRAW_INDEX])
+    turns = mixture.conversation(row, task, epoch, draw, cfg)
     input_ids, labels = data.encode_conversation(tokenizer, turns, cfg)
     source = mixture.sources[task]
     media_fn = getattr(source, "media", None)
     if media_fn is not None:
-        media = media_fn(row, mixture.source_rng(row, epoch, task), cfg)
+        media = media_fn(row, mixture.source_rng(row, epoch, task, draw), cfg)
         frames = media.frames
         hands = (media.future_hands if media.future_hands is not None
                  else torch.zeros(2, cfg.num_future_points, 2))

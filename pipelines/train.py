@@ -1,7 +1,11 @@
 """Training job: Ray Train + DeepSpeed ZeRO fine-tuning of HandsOnVLM on the sample shards.
 
     python pipelines/train.py --config tiny [--data runs/demo/data] [--run-name NAME] [--max-steps N]
-        [--num-workers W] [--zero-stage 2|3] [--set key=value ...]
+        [--num-workers W] [--zero-stage 2|3] [--set key=value ...] [--dry-run]
+
+``--dry-run`` prints the plan as one JSON document (world size, batch sizes, steps per epoch, total
+steps, the draws of the whole run per task and per dataset, distinct videos per micro-batch)
+without loading weights or starting Ray: what to check before spending GPU hours.
 
 Locally it starts a Ray of its own; on a cluster the same command runs under
 ``ray job submit --working-dir . -- python pipelines/train.py ...``. Re-running with the same
@@ -14,6 +18,8 @@ At every checkpoint a few ``train.val_split`` clips are answered greedily: ``val
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,11 +28,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 
 from handsonvlm import validation
-from handsonvlm.config import ModelConfig, TrainConfig, add_section_flags, load_preset, section_overrides
+from handsonvlm.config import (
+    DataConfig,
+    ModelConfig,
+    TrainConfig,
+    add_section_flags,
+    load_preset,
+    section_overrides,
+)
+from handsonvlm.mixture import Mixture
 from pipelines import tracking
 from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, absolute_uri, add_ray_flags, init_ray, setup_logging
 from preprocessing import layout, storage
-from preprocessing.training_data import feature_cache_plan, plan_data, read_shard, total_steps
+from preprocessing.training_data import describe_plan, feature_cache_plan, plan_data, read_shard, total_steps
 
 DEFAULT_STORAGE = "runs/ray_results"
 TRAIN_FLAGS = ("data", "max_steps", "num_workers", "zero_stage")  # --data, --max-steps, ...: train.<name>
@@ -50,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="worker-group restarts from the last checkpoint (default: %(default)s)")
     add_ray_flags(p)
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the training plan as JSON and exit (no weights loaded, no Ray started)")
     return p.parse_args(argv)
 
 
@@ -63,7 +79,35 @@ def resolve_config(preset: str, overrides: list[str]) -> dict:
     data = load_preset(preset, overrides)
     model = ModelConfig.from_dict(data.get("model", {}))
     train = TrainConfig.from_dict(data.get("train", {}))
-    return {"model": model.to_dict(), "train": train.to_dict(), "preset": preset}
+    conversations = DataConfig.from_dict(data.get("data", {}))
+    return {"model": model.to_dict(), "train": train.to_dict(), "data": conversations.to_dict(), "preset": preset}
+
+
+def plan_training(config: dict) -> tuple[str, dict, Mixture]:
+    """(data root, plan, mixture) of a resolved config: reads the sample shards' light columns only."""
+    train = config["train"]
+    data = layout.data_root(absolute_uri(train["data"]))
+    mixture = Mixture.from_config(train, ModelConfig.from_dict(config["model"]))
+    plan = plan_data(layout.samples_dir(data, train["split"]), train["num_workers"], train["micro_batch_size"],
+                     train["gradient_accumulation_steps"], mixture, train["samples_per_epoch"])
+    return data, plan, mixture
+
+
+def dry_run(config: dict) -> dict:
+    """The plan of a run as :func:`preprocessing.training_data.describe_plan` gives it, with the
+    config's mode and warm-up, and warnings about what the real run would miss (weights on disk)."""
+    train, model = config["train"], config["model"]
+    data, plan, mixture = plan_training(config)
+    report = {"preset": config.get("preset"), "mode": model["mode"], "data": data,
+              **describe_plan(plan, mixture, train["epochs"], train["max_steps"])}
+    report["warmup_steps"] = math.ceil(train["warmup_ratio"] * plan["steps_per_epoch"] * train["epochs"])
+    warnings = []
+    for part in ("lm", "vision"):
+        path = model[part].get("pretrained")
+        if path and not Path(path).exists():
+            warnings.append(f"model.{part}.pretrained {path} does not exist here (the run needs it on every worker)")
+    report["warnings"] = warnings
+    return report
 
 
 def export_path_for(export_dir: str, run_name: str) -> str:
@@ -92,9 +136,8 @@ def plan_validation(data: str, train: dict) -> dict | None:
 
 def log_inputs(mlflow_client, run_id: str, data: str, train: dict, plan: dict, val: dict | None) -> None:
     """The training shards and the validation clips' shards as the run's dataset inputs."""
-    files = [f for rank_files in plan["files"] for f in rank_files]
     tracking.log_shards(mlflow_client, run_id, "training", train["split"], layout.samples_dir(data, train["split"]),
-                        files, rows=plan["total_rows"])
+                        plan["files"], rows=plan["total_rows"])
     if val:
         tracking.log_shards(mlflow_client, run_id, "validation", f"{train['val_split']}-{len(val['rows'])}-clips",
                             val["source"], val["files"], extra=tuple(val["sample_ids"]), rows=len(val["rows"]))
@@ -137,13 +180,13 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
     from pipelines.train_worker import train_loop_per_worker  # torch, the model: where training runs
 
     train = config["train"]
-    data = layout.data_root(absolute_uri(train["data"]))
-    plan = plan_data(layout.samples_dir(data, train["split"]), train["num_workers"], train["micro_batch_size"],
-                     train["gradient_accumulation_steps"])
-    print(f"[train] {run_name}: {plan['total_rows']} samples in {sum(map(len, plan['files']))} shards; "
-          f"{plan['steps_per_epoch']} steps/epoch on {train['num_workers']} workers", flush=True)
-    plan["features"] = feature_cache_plan(data, train["split"], [f for fs in plan["files"] for f in fs],
-                                          config["model"], train["feature_cache"])
+    data, plan, _ = plan_training(config)
+    shares = ", ".join(f"{n} {len(pool)} clips" for n, pool in plan["pools"].items())
+    print(f"[train] {run_name}: {plan['total_rows']} clips in {len(plan['files'])} shards ({shares}); "
+          f"{plan['draws_per_epoch']} draws = {plan['steps_per_epoch']} steps/epoch on {train['num_workers']} "
+          f"workers", flush=True)
+    plan["features"] = feature_cache_plan(data, train["split"], plan["files"], config["model"],
+                                          train["feature_cache"])
     val = plan_validation(data, train)
     plan["validation"] = val["rows"] if val else None
     use_gpu = ray.cluster_resources().get("GPU", 0) >= train["num_workers"]
@@ -204,6 +247,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
     config = resolve_config(args.config, config_overrides(args))
+    if args.dry_run:
+        print(json.dumps(dry_run(config), indent=1))
+        return 0
     run_name = args.run_name or f"{config['model']['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
     init_ray(args.ray_address, args.num_cpus, DEFAULT_OBJECT_STORE_BYTES)
     out = launch(config, run_name, args.storage, args.max_failures, use_mlflow=not args.no_mlflow)

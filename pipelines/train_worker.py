@@ -1,8 +1,10 @@
 """The Ray Train worker: DeepSpeed ZeRO fine-tuning of HandsOnVLM from the sample shards.
 
-:class:`TrainRecipe` runs it as named steps over its state. Each rank reads its own shards with
-Ray Data, in an order re-drawn per epoch from the seed; the model, optimizer, schedule and mixture
-come from :func:`handsonvlm.training.build_training` (shared with the benchmark's plain loop).
+:class:`TrainRecipe` runs it as named steps over its state. Every rank draws the same epochs of
+the task mixture and trains on its slice of each global batch, delivered by one
+:class:`~preprocessing.training_data.DrawStream` for the whole run (rows read by clip index and
+prepared in a background thread); the model, optimizer, schedule and mixture come from
+:func:`handsonvlm.training.build_training` (shared with the benchmark's plain loop).
 Every ``checkpoint_every`` steps all ranks save a DeepSpeed checkpoint plus their RNG state; a
 re-run with the same run name (or Ray Train restarting failed workers) resumes exactly there
 (step, optimizer, schedule, position in the epoch, RNG) and adds one to ``train/restarts``. Rank 0
@@ -39,13 +41,22 @@ from handsonvlm.training import (
 )
 from handsonvlm.validation import ValidationSet, validate_in_training
 from pipelines.tracking import RESTARTS_METRIC, WorkerLogger
-from preprocessing.training_data import FeatureLookup, iter_rows, shard_rows, total_steps
+from preprocessing.training_data import (
+    MB,
+    DrawStream,
+    FeatureLookup,
+    RowStore,
+    fixed_rows,
+    micro_batches_per_epoch,
+    total_steps,
+)
 
 RANK_STATE = "rank_{rank}_state.pt"
 CKPT_TAG = "ckpt"
 FAULT_STEP_ENV = "HANDSONVLM_FAULT_KILL_AT_STEP"
 FAULT_MARKER_ENV = "HANDSONVLM_FAULT_MARKER"
 RANK_SEED_STRIDE = 1000  # rank r's CVAE noise is seeded seed * stride + r: one stream per rank and seed
+CPU = torch.device("cpu")  # where the DrawStream prepares batches
 MIN_WINDOW_S = 1e-9  # a log window's duration floor: the first window may end within the clock's resolution
 
 
@@ -147,6 +158,7 @@ class TrainRecipe:
         self.step_hooks: list[StepHook] = []
         # throughput since the last log line, and the ETA's reference point (set when train() starts)
         self.window_samples, self.window_start, self.start_time, self.start_step = 0, 0.0, 0.0, 0
+        self.start_samples, self.first_step_time = 0, None  # the end-to-end rate counts from the first step
 
     def setup(self) -> None:
         """DeepSpeed-wrapped model, optimizer, schedule; mixture, CVAE noise, fixed batch, validation, logger, hooks."""
@@ -164,8 +176,8 @@ class TrainRecipe:
                                                     lr_scheduler=self.parts.scheduler, config=ds_config)
         self.generator = torch.Generator(device=self.device).manual_seed(train.seed * RANK_SEED_STRIDE + self.rank)
         self.features = FeatureLookup(**self.plan["features"]) if self.plan.get("features") else None
-        fixed_rows = shard_rows(self.plan["fixed_batch_file"], limit=train.micro_batch_size)
-        self.fixed_batch, _ = self.batch(fixed_rows, 0)
+        self.store = RowStore(self.plan, train.row_cache_mb * MB)
+        self.fixed_batch = self.to_device(self.batch(fixed_rows(self.plan, self.parts.mixture, self.store), 0))
         if self.rank == 0:
             source = "feature cache " + self.plan["features"]["key"] if self.features else "frames (online CLIP)"
             print(f"[train] vision input: {source}", flush=True)
@@ -175,8 +187,13 @@ class TrainRecipe:
         if fault is not None:
             self.step_hooks.append(fault)
 
-    def batch(self, rows: list[dict], epoch: int) -> tuple[dict, list[str]]:
-        return rows_to_batch(rows, self.parts.model, self.parts.mixture, epoch, self.device, self.features)
+    def batch(self, rows: list[dict], epoch: int) -> dict[str, torch.Tensor]:
+        """Drawn rows -> a model batch on the CPU (runs in the DrawStream's thread)."""
+        batch, _ = rows_to_batch(rows, self.parts.model, self.parts.mixture, epoch, CPU, self.features)
+        return batch
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     def fixed_batch_loss(self) -> float:
         return fixed_batch_loss(self.engine.module, self.fixed_batch, forward=self.engine)
@@ -199,46 +216,46 @@ class TrainRecipe:
         self.logger.log({"restore/fixed_batch_loss": restored_loss, RESTARTS_METRIC: restarts}, p.step)
 
     def train(self) -> None:
-        """Epochs until ``total_steps`` optimizer steps are done (from wherever restore() left off)."""
-        self.start_time, self.start_step = time.perf_counter(), self.progress.step
+        """Micro-batches from where restore() left off until ``total_steps`` optimizer steps are done."""
+        p, train = self.progress, self.train_cfg
+        per_epoch = micro_batches_per_epoch(self.plan)
+        self.start_time, self.start_step, self.start_samples = time.perf_counter(), p.step, p.samples
         self.window_samples, self.window_start = 0, time.perf_counter()
         self.engine.train()
-        while self.progress.step < self.total_steps:
-            self.train_epoch()
-            if self.progress.step < self.total_steps:
-                self.progress.epoch += 1
-                self.progress.micro_in_epoch = 0
+        if p.step >= self.total_steps:
+            return
+        stream = DrawStream(self.plan, self.parts.mixture, self.rank, self.store, self.batch, p.epoch,
+                            p.micro_in_epoch)
+        try:
+            for epoch, micro, batch in stream:
+                out = self.train_step(self.to_device(batch), epoch)
+                # the position to resume from: the next micro-batch, in the next epoch after the last one
+                p.epoch, p.micro_in_epoch = (epoch, micro + 1) if micro + 1 < per_epoch else (epoch + 1, 0)
+                if (micro + 1) % self.micro_per_step:
+                    continue  # accumulating gradients
+                p.step += 1
+                if p.step % train.log_every == 0 or p.step == self.total_steps:
+                    self.log(out, epoch)
+                if p.step % train.checkpoint_every == 0 or p.step == self.total_steps:
+                    self.checkpoint()
+                for hook in self.step_hooks:
+                    hook(self, p.step)
+                if p.step >= self.total_steps:
+                    break
+        finally:
+            stream.close()
 
-    def train_epoch(self) -> None:
-        p, train = self.progress, self.train_cfg
-        epoch, skip = p.epoch, p.micro_in_epoch
-        for i, rows in enumerate(iter_rows(self.plan["files"][self.rank], train.micro_batch_size, train.seed,
-                                           epoch, self.rank)):
-            if i < skip:
-                continue  # already trained on before the restore
-            if i >= self.steps_per_epoch * self.micro_per_step or p.step >= self.total_steps:
-                break
-            out = self.train_step(rows, epoch)
-            p.micro_in_epoch = i + 1
-            if (i + 1) % self.micro_per_step:
-                continue  # accumulating gradients
-            p.step += 1
-            if p.step % train.log_every == 0 or p.step == self.total_steps:
-                self.log(out, epoch)
-            if p.step % train.checkpoint_every == 0 or p.step == self.total_steps:
-                self.checkpoint()
-            for hook in self.step_hooks:
-                hook(self, p.step)
-
-    def train_step(self, rows: list[dict], epoch: int) -> dict[str, torch.Tensor]:
+    def train_step(self, batch: dict[str, torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
         """One micro-batch: forward, backward, and DeepSpeed's step (an optimizer step at the end of
         each accumulation window). Returns the forward's outputs."""
-        batch, _ = self.batch(rows, epoch)
         out = self.engine(**batch, generator=self.generator)
         self.engine.backward(out["loss"])
         self.engine.step()
-        self.progress.samples += len(rows) * self.world
-        self.window_samples += len(rows) * self.world
+        samples = len(batch["input_ids"]) * self.world
+        self.progress.samples += samples
+        self.window_samples += samples
+        if self.first_step_time is None:
+            self.first_step_time = time.perf_counter()
         return out
 
     def log(self, out: dict[str, torch.Tensor], epoch: int) -> None:
@@ -250,9 +267,12 @@ class TrainRecipe:
         rate = self.window_samples / max(now - self.window_start, MIN_WINDOW_S)
         self.window_samples, self.window_start = 0, now
         step = self.progress.step
+        # everything since the end of the first step: epoch boundaries, checkpoints, validation included
+        since_first = self.progress.samples - self.start_samples - self.world * self.train_cfg.micro_batch_size
+        end_to_end = since_first / max(now - self.first_step_time, MIN_WINDOW_S)
         self.last_metrics = {**{f"train/{k}": v for k, v in zip(LOSS_PARTS, losses)},
                              "train/lr": self.parts.scheduler.get_last_lr()[0], "train/samples_per_s": rate,
-                             "train/epoch": epoch}
+                             "train/samples_per_s_end_to_end": end_to_end, "train/epoch": epoch}
         self.logger.log(self.last_metrics, step)
         if self.rank == 0:
             eta = (self.total_steps - step) * (now - self.start_time) / max(1, step - self.start_step)

@@ -25,6 +25,9 @@ EVAL_DIR = "eval"
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "part-00000.parquet"
 SHARD_SUFFIX = ".parquet"
+# Rows per Parquet row group of a sample shard: training reads random clips a row group at a time
+# (preprocessing.training_data.RowStore), so a miss decodes 16 clips' JPEGs (~3 MB), not a shard.
+SAMPLES_ROW_GROUP_ROWS = 16
 
 
 def shard_id(uri: str) -> str:

@@ -138,7 +138,7 @@ def process_shard(split: str, shard_id: str, rows_ipc: bytes, fingerprint: str, 
     table = table.append_column(SAMPLES_SCHEMA.field("image_height"), pa.array(height, pa.int16()))
     table = table.cast(SAMPLES_SCHEMA)
 
-    storage.write_parquet_atomic(table, paths["samples"], row_group_size=64)
+    storage.write_parquet_atomic(table, paths["samples"], row_group_size=layout.SAMPLES_ROW_GROUP_ROWS)
     quarantine.write(paths["quarantine"])
     summary = {
         "split": split, "shard_id": shard_id, "rows": rows.num_rows, "written": table.num_rows,

@@ -1,16 +1,29 @@
-"""What training reads from the preprocessing output, in which order: shards per rank, rows, features.
+"""What training reads from the preprocessing output, in which order: the draw plan, rows, features.
 
-The driver plans from Parquet footers alone (:func:`plan_data`). Each rank reads its shards in a
-seeded per-epoch order (:func:`epoch_files`): the Ray Train workers through Ray Data
-(:func:`iter_rows`, the only Ray here, imported there), the benchmark's plain loop with pyarrow
-(:func:`shard_rows`); with the features stage done, :class:`FeatureLookup` supplies the cached
-frozen-vision features.
+The driver plans from the shards' light columns (:func:`plan_data`): the split's clips in a fixed
+order, each task's pool, and the schedule (``samples_per_epoch`` draws rounded up to whole
+optimizer steps). Every rank then draws the same epochs (:meth:`handsonvlm.mixture.Mixture.draw_epoch`,
+a function of the seed and epoch) and trains on its own slice of each global batch
+(:func:`rank_positions`). :class:`DrawStream` delivers those micro-batches for the whole run,
+reading rows by clip index through a byte-bounded row-group cache (:class:`RowStore`) and
+preparing them in a background thread, so epoch boundaries cost nothing and a resumed run starts
+at its exact position without reading what it skips.
+
+Why not Ray Data's ``streaming_split`` here (Ray Train's usual ``datasets=`` idiom): the mixture
+draws clips with replacement from per-task pools (the release's sampling), which is random access
+by row, and exact resume needs the same rows in the same micro-batches after a restart; a
+streaming split neither repeats rows nor replays a position deterministically. The preprocessing
+and evaluation stages do use Ray Data. With the features stage done, :class:`FeatureLookup`
+supplies the cached frozen-vision features.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
+import math
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,51 +32,74 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from handsonvlm.mixture import EpochDraws, drawn_rows
 from preprocessing import layout, storage
 
 TRAIN_COLUMNS = ["sample_id", "narration", "narration_paraphrases", "noun", "rbhp_questions",
                  "future_hands", "future_valid", "obs_jpeg"]
-RAY_DATA_LOGGER = "ray.data"
-PATH_COLUMN = "path"  # include_paths=True: the shard each row came from (FeatureLookup)
-READ_TASK_CPUS = 0.25  # Ray Data read tasks share the CPUs of the training workers that consume them
-SHUFFLE_BUFFER_MICRO_BATCHES = 4  # local shuffle buffer of a rank's row stream
+INDEX_COLUMNS = ["sample_id", "narration", "rbhp_questions"]  # what the task pools are built from
+PATH_COLUMN = "path"  # each delivered row carries its shard's path (FeatureLookup keys on it)
+MB = 1 << 20
+PREFETCH_MICRO_BATCHES = 4  # micro-batches a rank's DrawStream prepares ahead of the step
 
 
-def plan_data(samples_dir: str, world_size: int, micro_batch: int, accumulation: int) -> dict[str, Any]:
-    """Assign sample shards to ranks, balancing rows (largest file to the lightest rank).
+def plan_data(samples_dir: str, world_size: int, micro_batch: int, accumulation: int, mixture,
+              samples_per_epoch: int | None = None) -> dict[str, Any]:
+    """The training plan of a split: its clips, the mixture's pools over them and the schedule.
 
-    Reads only Parquet footers. Every rank runs the same number of micro-batches per epoch (the
-    smallest rank's), so collectives never wait for a rank that ran out of data. Returns
-    ``files`` (per rank, sorted), ``rows`` (per rank), ``steps_per_epoch``, ``total_rows`` and
-    ``fixed_batch_file`` (the first shard, whose first rows are the fixed evaluation batch)."""
+    Reads only the shards' footers and :data:`INDEX_COLUMNS`. An epoch is ``samples_per_epoch``
+    draws (default: one per clip) rounded up to whole optimizer steps of ``world_size`` x
+    ``micro_batch`` x ``accumulation`` draws (the release's 48,296 on 8 x 16 gives 378 steps, as its
+    sampler pads the last batch). Returns ``files`` (sorted shard URIs), ``row_groups`` (rows per row
+    group, per file), ``clip_file``/``clip_row`` (each clip's file and row in it, clips in file
+    order), ``pools`` (task -> clip indices), ``samples_per_epoch``, ``draws_per_epoch``,
+    ``steps_per_epoch``, ``total_rows`` and ``world_size``/``micro_batch``/``accumulation``."""
     files = storage.list_files(samples_dir, layout.SHARD_SUFFIX)
     if not files:
         raise FileNotFoundError(f"no sample shards in {samples_dir}; run pipelines/preprocess.py first")
-    rows = {}
-    for uri in files:
+    row_groups, clip_file, clip_row, clips = [], [], [], []
+    for f, uri in enumerate(files):
         fs, path = storage.resolve(uri)
-        with fs.open_input_file(path) as f:
-            rows[uri] = pq.ParquetFile(f).metadata.num_rows
-    assignment = [[] for _ in range(world_size)]
-    load = [0] * world_size
-    for uri in sorted(files, key=lambda u: (-rows[u], u)):
-        r = int(np.argmin(load))
-        assignment[r].append(uri)
-        load[r] += rows[uri]
-    micro_steps = min(load) // micro_batch
-    steps_per_epoch = micro_steps // accumulation
-    if steps_per_epoch == 0:
-        raise ValueError(f"too little data: {min(load)} rows on the smallest of {world_size} ranks "
-                         f"({len(files)} shards; shards are assigned whole, one video each) for "
-                         f"micro-batch {micro_batch} x accumulation {accumulation}")
-    return {"files": [sorted(a) for a in assignment], "rows": load, "steps_per_epoch": steps_per_epoch,
-            "total_rows": sum(rows.values()), "fixed_batch_file": sorted(files)[0]}
+        with fs.open_input_file(path) as handle:
+            parquet = pq.ParquetFile(handle)
+            row_groups.append([parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+            table = parquet.read(columns=INDEX_COLUMNS)
+        rows = table.to_pylist()
+        clips.extend(rows)
+        clip_file.extend([f] * len(rows))
+        clip_row.extend(range(len(rows)))
+    pools = mixture.pools(clips)
+    mixture.drawn_probabilities(pools)  # fails here, on the driver, when no task can be drawn
+    requested = samples_per_epoch or len(clips)
+    per_step = world_size * micro_batch * accumulation
+    steps_per_epoch = math.ceil(requested / per_step)
+    return {"files": files, "row_groups": row_groups, "clip_file": clip_file, "clip_row": clip_row,
+            "pools": {name: pool.tolist() for name, pool in pools.items()}, "samples_per_epoch": requested,
+            "draws_per_epoch": steps_per_epoch * per_step, "steps_per_epoch": steps_per_epoch,
+            "total_rows": len(clips), "world_size": world_size, "micro_batch": micro_batch,
+            "accumulation": accumulation}
+
+
+def plan_pools(plan: Mapping) -> dict[str, np.ndarray]:
+    return {name: np.asarray(pool, dtype=np.int64) for name, pool in plan["pools"].items()}
 
 
 def total_steps(steps_per_epoch: int, epochs: int, max_steps: int | None) -> int:
     """The optimizer steps a run trains: the planned ``epochs`` x ``steps_per_epoch``, or fewer with ``max_steps``."""
     planned = steps_per_epoch * epochs
     return min(max_steps or planned, planned)
+
+
+def micro_batches_per_epoch(plan: Mapping) -> int:
+    """Micro-batches each rank runs per epoch."""
+    return plan["steps_per_epoch"] * plan["accumulation"]
+
+
+def rank_positions(plan: Mapping, rank: int, micro: int) -> np.ndarray:
+    """The draw positions (in the epoch) of micro-batch ``micro`` of ``rank``: global micro-batch
+    ``micro`` is ``world_size`` consecutive runs of ``micro_batch`` draws, one per rank."""
+    start = (micro * plan["world_size"] + rank) * plan["micro_batch"]
+    return np.arange(start, start + plan["micro_batch"])
 
 
 def read_shard(uri: str, columns: list[str], sample_ids: list[str] | None = None) -> pa.Table:
@@ -76,9 +112,67 @@ def read_shard(uri: str, columns: list[str], sample_ids: list[str] | None = None
     return table
 
 
+class ByteLRU:
+    """A mapping that drops its least recently used entries beyond ``budget`` bytes (the newest
+    entry is always kept); ``size(value)`` gives an entry's bytes."""
+
+    def __init__(self, budget: int, size: Callable[[Any], int]):
+        self.budget, self.size = int(budget), size
+        self.entries: OrderedDict = OrderedDict()
+        self.used = 0
+
+    def get(self, key, load: Callable[[], Any]):
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        value = load()
+        self.entries[key] = value
+        self.used += self.size(value)
+        while self.used > self.budget and len(self.entries) > 1:
+            _, dropped = self.entries.popitem(last=False)
+            self.used -= self.size(dropped)
+        return value
+
+
+class RowStore:
+    """Rows of the planned split by clip index, read a row group at a time and cached within
+    ``cache_bytes`` (least recently used out); thread-safe for one reader at a time."""
+
+    def __init__(self, plan: Mapping, cache_bytes: int, columns: Sequence[str] = TRAIN_COLUMNS):
+        self.files, self.columns = plan["files"], list(columns)
+        self.clip_file = np.asarray(plan["clip_file"], dtype=np.int64)
+        self.clip_row = np.asarray(plan["clip_row"], dtype=np.int64)
+        self.group_starts = [np.cumsum([0, *sizes]) for sizes in plan["row_groups"]]
+        self.cache = ByteLRU(cache_bytes, lambda table: table.nbytes)
+        self.reads = 0  # row groups read from storage (a cache miss each)
+
+    def _group(self, file: int, group: int) -> pa.Table:
+        def load() -> pa.Table:
+            self.reads += 1
+            fs, path = storage.resolve(self.files[file])
+            with fs.open_input_file(path) as handle:
+                return pq.ParquetFile(handle).read_row_group(group, columns=self.columns)
+        return self.cache.get((file, group), load)
+
+    def rows(self, clips: Sequence[int]) -> list[dict]:
+        """The rows of ``clips`` (with duplicates), in that order, each with its shard :data:`PATH_COLUMN`."""
+        out: list[dict | None] = [None] * len(clips)
+        wanted: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for i, clip in enumerate(clips):
+            f, r = int(self.clip_file[clip]), int(self.clip_row[clip])
+            g = int(np.searchsorted(self.group_starts[f], r, side="right")) - 1
+            wanted.setdefault((f, g), []).append((i, r - int(self.group_starts[f][g])))
+        for (f, g), places in sorted(wanted.items()):
+            table = self._group(f, g).take(pa.array([r for _, r in places]))
+            _, path = storage.resolve(self.files[f])
+            for (i, _), row in zip(places, table.to_pylist()):
+                out[i] = {**row, PATH_COLUMN: path}
+        return out  # type: ignore[return-value]
+
+
 def shard_rows(uri: str, limit: int | None = None) -> list[dict]:
     """The training columns of one sample shard (its first ``limit`` rows), each row with its shard
-    ``path`` as Ray Data's ``include_paths`` gives it (what :class:`FeatureLookup` keys on)."""
+    :data:`PATH_COLUMN` (what :class:`FeatureLookup` keys on)."""
     _, path = storage.resolve(uri)
     table = read_shard(uri, TRAIN_COLUMNS)
     if limit is not None:
@@ -86,47 +180,81 @@ def shard_rows(uri: str, limit: int | None = None) -> list[dict]:
     return [{**row, PATH_COLUMN: path} for row in table.to_pylist()]
 
 
-def epoch_files(files: list[str], seed: int, epoch: int, rank: int) -> list[str]:
-    """The order in which ``rank`` reads its shard files in ``epoch``: re-drawn per epoch from the seed."""
-    order = np.random.default_rng([seed, epoch, rank]).permutation(len(files))
-    return [files[i] for i in order]
+class DrawStream:
+    """One rank's micro-batches for the whole run, from position (``epoch``, ``micro``) on.
+
+    Yields ``(epoch, micro, prepared)`` where ``prepared = prepare(rows, epoch)`` and ``rows`` are
+    the micro-batch's drawn rows (:func:`handsonvlm.mixture.drawn_rows`); a background thread
+    draws the epochs, reads the rows and runs ``prepare`` up to ``ahead`` micro-batches before
+    they are needed, across epoch boundaries. Deterministic: the same plan, mixture and position
+    give the same batches whatever the timing. An error in the thread is raised in the consumer."""
+
+    _END = object()
+
+    def __init__(self, plan: Mapping, mixture, rank: int, store: RowStore, prepare: Callable[[list[dict], int], Any],
+                 epoch: int = 0, micro: int = 0, ahead: int = PREFETCH_MICRO_BATCHES):
+        self.plan, self.mixture, self.rank, self.store, self.prepare = plan, mixture, rank, store, prepare
+        self.position = (int(epoch), int(micro))
+        self.pools = plan_pools(plan)
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._fill, name=f"draw-stream-rank{rank}", daemon=True)
+        self.thread.start()
+
+    def _put(self, item) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _fill(self) -> None:
+        epoch, micro = self.position
+        per_epoch = micro_batches_per_epoch(self.plan)
+        try:
+            while not self.stop.is_set():
+                draws = self.mixture.draw_epoch(self.pools, self.plan["draws_per_epoch"], epoch)
+                for m in range(micro, per_epoch):
+                    rows = micro_batch_rows(self.plan, self.store, draws, self.rank, m)
+                    if not self._put((epoch, m, self.prepare(rows, epoch))):
+                        return
+                epoch, micro = epoch + 1, 0
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._put((self._END, exc, None))
+
+    def __iter__(self) -> Iterator[tuple[int, int, Any]]:
+        while True:
+            epoch, micro, prepared = self.queue.get()
+            if epoch is self._END:
+                raise RuntimeError(f"rank {self.rank}: preparing training batches failed: {micro!r}") from micro
+            yield epoch, micro, prepared
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
 
 
-def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
-    """Seed of the within-epoch row shuffle of ``rank`` (a stream apart from :func:`epoch_files`')."""
-    return int(np.random.default_rng([seed, epoch, rank, 1]).integers(2**31))
+def micro_batch_rows(plan: Mapping, store: RowStore, draws: EpochDraws, rank: int, micro: int) -> list[dict]:
+    """The drawn rows of micro-batch ``micro`` of ``rank`` in the epoch of ``draws``."""
+    positions = rank_positions(plan, rank, micro)
+    return drawn_rows(store.rows(draws.rows[positions].tolist()), draws, positions.tolist())
 
 
-def iter_rows(files: list[str], micro_batch: int, seed: int, epoch: int, rank: int) -> Iterator[list[dict]]:
-    """Micro-batches of rows (lists of dicts) of this rank's files for one epoch, deterministic.
-
-    Ray Data reads the files in the epoch's order (order preserved) and shuffles locally with a
-    seeded buffer, so a resumed run sees exactly the same batches."""
-    import ray
-
-    # One dataset per epoch and rank: Ray Data's INFO lines about starting, planning and finishing each
-    # execution would fill the training log (40 of each in `make demo`); its warnings still show.
-    logging.getLogger(RAY_DATA_LOGGER).setLevel(logging.WARNING)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    ds = ray.data.read_parquet(epoch_files(files, seed, epoch, rank), include_paths=True, num_cpus=READ_TASK_CPUS)
-    ds = ds.select_columns([*TRAIN_COLUMNS, PATH_COLUMN])  # projected into the read; `columns=` is deprecated
-    for batch in ds.iter_batches(batch_size=micro_batch, batch_format="pyarrow", drop_last=True,
-                                 local_shuffle_buffer_size=SHUFFLE_BUFFER_MICRO_BATCHES * micro_batch,
-                                 local_shuffle_seed=shuffle_seed(seed, epoch, rank)):
-        yield batch.to_pylist()
+def fixed_rows(plan: Mapping, mixture, store: RowStore) -> list[dict]:
+    """The fixed evaluation micro-batch: rank 0's first micro-batch of epoch 0 (the same on every rank)."""
+    return micro_batch_rows(plan, store, mixture.draw_epoch(plan_pools(plan), plan["draws_per_epoch"], 0), 0, 0)
 
 
 class FeatureLookup:
     """Cached frozen-vision features (``pipelines/preprocess.py --stage features``) for rows of the
-    sample shards, read a shard at a time and kept for the last few shards (files are read in order)."""
+    sample shards, read a shard at a time and kept within ``cache_bytes`` (least recently used out:
+    the draws visit the shards in random order)."""
 
-    KEEP_SHARDS = 2
-
-    def __init__(self, out: str, key: str, split: str):
+    def __init__(self, out: str, key: str, split: str, cache_bytes: int = 256 * MB):
         self.out, self.key, self.split = out, key, split
-        self.tables: dict[str, Any] = {}
+        self.tables = ByteLRU(cache_bytes, lambda table: table.nbytes)
 
     def __call__(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """rows (with their shard ``path``) -> frame_means [B, F, C], frame_grids [B, F, G, C] float32."""
@@ -137,11 +265,8 @@ class FeatureLookup:
         for i, row in enumerate(rows):
             by_shard.setdefault(layout.shard_id(row[PATH_COLUMN]), []).append(i)
         for shard, idx in by_shard.items():
-            if shard not in self.tables:
-                if len(self.tables) >= self.KEEP_SHARDS:
-                    self.tables.pop(next(iter(self.tables)))
-                self.tables[shard] = read_feature_table(self.out, self.key, self.split, shard)
-            m, g, present = align_features(self.tables[shard], [rows[i]["sample_id"] for i in idx])
+            table = self.tables.get(shard, lambda s=shard: read_feature_table(self.out, self.key, self.split, s))
+            m, g, present = align_features(table, [rows[i]["sample_id"] for i in idx])
             if not present.all():
                 raise KeyError(f"feature shard {shard} lacks {int((~present).sum())} of its samples; "
                                f"re-run the features stage or set train.feature_cache=off")
@@ -166,3 +291,41 @@ def feature_cache_plan(data_root: str, split: str, files: list[str], model_cfg: 
                                     f"features under {layout.feature_root(data_root, key)}; run --stage features")
         return None
     return {"out": data_root, "key": key, "split": split}
+
+
+def describe_plan(plan: Mapping, mixture, epochs: int, max_steps: int | None) -> dict[str, Any]:
+    """What a run of ``plan`` will train, without training: the schedule, the draws of the whole run
+    counted per task (``samples_per_task``) and per dataset (``samples_per_source``), each task's
+    pool and share, and ``batch_distinct_videos_mean``: the mean number of distinct videos (sample
+    shards) in a rank's micro-batch over epoch 0."""
+    from handsonvlm.mixture import dataset_of
+
+    pools = plan_pools(plan)
+    world, micro_batch, accumulation = plan["world_size"], plan["micro_batch"], plan["accumulation"]
+    per_step = world * micro_batch * accumulation
+    steps = total_steps(plan["steps_per_epoch"], epochs, max_steps)
+    per_task = dict.fromkeys(mixture.names, 0)
+    left, epoch, distinct = steps * per_step, 0, None
+    while left > 0:  # the draws a run consumes: whole epochs, then the first steps of the last one
+        draws = mixture.draw_epoch(pools, plan["draws_per_epoch"], epoch)
+        used = min(left, len(draws))
+        for name, count in draws.counts(used).items():
+            per_task[name] += count
+        if epoch == 0:
+            files = np.asarray(plan["clip_file"], dtype=np.int64)[draws.rows].reshape(-1, micro_batch)
+            distinct = float(np.mean([len(np.unique(batch)) for batch in files]))
+        left -= used
+        epoch += 1
+    per_source: dict[str, int] = {}
+    for name, count in per_task.items():
+        source = dataset_of(mixture.sources[name], name)
+        per_source[source] = per_source.get(source, 0) + count
+    total = sum(per_task.values())
+    return {"world_size": world, "micro_batch": micro_batch, "gradient_accumulation": accumulation,
+            "global_batch": per_step, "clips": plan["total_rows"], "samples_per_epoch": plan["samples_per_epoch"],
+            "draws_per_epoch": plan["draws_per_epoch"], "steps_per_epoch": plan["steps_per_epoch"],
+            "epochs": epochs, "total_steps": steps, "total_samples": total,
+            "task_probabilities": mixture.drawn_probabilities(pools),
+            "pool_sizes": {name: len(pool) for name, pool in pools.items()},
+            "samples_per_task": per_task, "task_shares": {n: c / total for n, c in per_task.items()} if total else {},
+            "samples_per_source": per_source, "batch_distinct_videos_mean": distinct}

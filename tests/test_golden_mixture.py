@@ -1,8 +1,9 @@
-"""Golden regression values of the training task mixture: the first 20 draws for seed 0.
+"""Golden regression values of the training task mixture: the first 20 draws of epoch 0 for seed 0.
 
-The draws (task, question template, paraphrase, answer template) are pinned in
+The draws (task, clip, question template, paraphrase, answer template) are pinned in
 ``tests/golden/mixture_draws_seed0.json``. They change only on purpose (new templates, a new
-sampling rule); the commit that changes them says why. Regenerate with
+sampling rule); the commit that changes them says why. Last change: the task-first draws with
+per-task pools (the release's HybridDataset sampling) replaced the per-row task choice. Regenerate with
 ``python tests/test_golden_mixture.py --write``.
 """
 
@@ -25,18 +26,15 @@ QUESTIONS = ["Where should my hand move to if I want to have a drink?",
 
 
 def golden_rows() -> list[dict]:
-    """Every third row has no RBHP question, so both the task choice and the fallback are pinned."""
+    """Every third row has no RBHP question, so the RBHP pool is a strict subset of the clips."""
     return [{"sample_id": f"P01_01_{i}", "narration": NARRATION, "narration_paraphrases": PARAPHRASES,
              "noun": "cup", "rbhp_questions": QUESTIONS if i % 3 else []} for i in range(NUM_DRAWS)]
 
 
 def draws(seed: int = 0, epoch: int = 0) -> list[dict]:
     mixture = Mixture.from_config({"seed": seed}, load_model_config("tiny"))
-    out = []
-    for row in golden_rows():
-        task, turns = mixture.choose(row, epoch)
-        out.append({"sample_id": row["sample_id"], "task": task, "turns": [list(turn) for turn in turns]})
-    return out
+    return [{"sample_id": sample_id, "task": task, "turns": [list(turn) for turn in turns]}
+            for task, sample_id, turns in mixture.epoch_conversations(golden_rows(), NUM_DRAWS, epoch)]
 
 
 def test_first_twenty_draws_for_seed_0_match_the_golden_file():

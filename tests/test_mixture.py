@@ -24,6 +24,7 @@ from handsonvlm.mixture import (
     RBHPSource,
     TaskSource,
     VHPSource,
+    drawn_rows,
     eval_rng,
     make_example,
     rbhp_eval_turns,
@@ -71,30 +72,37 @@ def image_count(turns, cfg) -> int:
 # ----------------------------------------------------------------------------------------------- determinism
 
 
-def test_same_seed_epoch_sample_gives_same_draw_whatever_the_order(cfg):
+def test_draws_and_conversations_are_functions_of_their_keys(cfg):
     rows = [make_row(i) for i in range(200)]
     a = Mixture.from_config({"seed": 7}, cfg)
     b = Mixture.from_config({"seed": 7}, cfg)
-    forward = [a.choose(r, 3) for r in rows]
-    backward = [b.choose(dict(r), 3) for r in reversed(rows)][::-1]  # another mixture, other order, copies
-    assert forward == backward
-    assert forward == [a.choose(r, 3) for r in rows]  # repeated calls: no hidden state
+    draws_a, draws_b = a.draw_epoch(a.pools(rows), 300, 3), b.draw_epoch(b.pools(rows), 300, 3)
+    assert np.array_equal(draws_a.tasks, draws_b.tasks) and np.array_equal(draws_a.rows, draws_b.rows)
+    keys = [(rows[r], a.names[t], j) for j, (t, r) in enumerate(zip(draws_a.tasks, draws_a.rows))]
+    forward = [a.conversation(row, task, 3, j) for row, task, j in keys]
+    backward = [b.conversation(dict(row), task, 3, j) for row, task, j in reversed(keys)][::-1]
+    assert forward == backward  # another mixture, the other order, copies of the rows
+    assert forward == [a.conversation(row, task, 3, j) for row, task, j in keys]  # no hidden state
     # dict order of sources/rates does not matter either
     c = Mixture({"rbhp": RBHPSource(), "vhp": VHPSource(0.5)}, {"rbhp": 0.5, "vhp": 0.5}, seed=7, cfg=cfg)
-    assert forward == [c.choose(r, 3) for r in rows]
+    assert c.epoch_conversations(rows, 300, 3) == a.epoch_conversations(rows, 300, 3)
+    # the same clip drawn twice in an epoch gets independent conversations
+    vhp = [a.conversation(rows[0], "vhp", 3, j) for j in range(40)]
+    assert len({str(turns) for turns in vhp}) > 10
 
 
 def test_different_epoch_or_seed_changes_draws(cfg):
     rows = [make_row(i) for i in range(300)]
     mix = Mixture.from_config({"seed": 0}, cfg)
     other_seed = Mixture.from_config({"seed": 1}, cfg)
-    e0 = [mix.choose(r, 0) for r in rows]
-    e1 = [mix.choose(r, 1) for r in rows]
-    s1 = [other_seed.choose(r, 0) for r in rows]
+    e0 = mix.epoch_conversations(rows, 300, 0)
+    e1 = mix.epoch_conversations(rows, 300, 1)
+    s1 = other_seed.epoch_conversations(rows, 300, 0)
     assert sum(x != y for x, y in zip(e0, e1)) > 0.6 * len(rows)
     assert sum(x != y for x, y in zip(e0, s1)) > 0.6 * len(rows)
-    # tasks themselves also change between epochs (not only the templates)
+    # tasks and clips themselves also change between epochs (not only the templates)
     assert sum(x[0] != y[0] for x, y in zip(e0, e1)) > 0.3 * len(rows)
+    assert sum(x[1] != y[1] for x, y in zip(e0, e1)) > 0.9 * len(rows)
 
 
 def test_draws_do_not_depend_on_python_hash_seed(cfg):
@@ -103,7 +111,7 @@ def test_draws_do_not_depend_on_python_hash_seed(cfg):
               "rows = [{'sample_id': f'P01_01_{i}', 'narration': 'take cup', 'noun': 'cup',\n"
               "         'narration_paraphrases': ['grab the mug'], 'rbhp_questions': ['Where to drink?']}"
               " for i in range(30)]\n"
-              "print(json.dumps([mix.choose(r, 2) for r in rows]))\n")
+              "print(json.dumps(mix.epoch_conversations(rows, 30, 2)))\n")
     # one child process with a hash seed other than this process's (str hashes differ between them)
     hash_seed = "12345" if os.environ.get("PYTHONHASHSEED") != "12345" else "54321"
     env = dict(os.environ, PYTHONHASHSEED=hash_seed)
@@ -111,9 +119,9 @@ def test_draws_do_not_depend_on_python_hash_seed(cfg):
                          text=True, check=True, timeout=120)
     child = json.loads(out.stdout.strip().splitlines()[-1])
     mix = Mixture.from_config({"seed": 5}, cfg)
-    here = [mix.choose({"sample_id": f"P01_01_{i}", "narration": "take cup", "noun": "cup",
-                        "narration_paraphrases": ["grab the mug"], "rbhp_questions": ["Where to drink?"]}, 2)
-            for i in range(30)]
+    here = mix.epoch_conversations([{"sample_id": f"P01_01_{i}", "narration": "take cup", "noun": "cup",
+                                     "narration_paraphrases": ["grab the mug"], "rbhp_questions": ["Where to drink?"]}
+                                    for i in range(30)], 30, 2)
     as_json = json.loads(json.dumps(here))
     assert child == as_json
 
@@ -138,38 +146,51 @@ def test_row_rng_is_a_function_of_its_inputs():
 def test_task_frequencies_follow_rates(cfg, rates):
     mix = Mixture.from_config({"task_rates": rates, "seed": 3}, cfg)
     n = 2000
-    counts = Counter(mix.choose(make_row(i), 0)[0] for i in range(n))
+    counts = mix.draw_epoch(mix.pools([make_row(i) for i in range(50)]), n, 0).counts()
     total = sum(rates.values())
     for task, rate in rates.items():
         expected = rate / total
         assert abs(counts[task] / n - expected) < 4 * np.sqrt(expected * (1 - expected) / n) + 1e-9, (task, counts)
 
 
-def test_rows_without_rbhp_questions_always_go_to_vhp(cfg):
-    mix = Mixture.from_config({"task_rates": {"vhp": 0.1, "rbhp": 0.9}}, cfg)
-    for i, empty in enumerate([[], None, np.array([], dtype=object), ["", "  "]] * 100):
-        task, turns = mix.choose(make_row(i, questions=empty), i % 5)
-        assert task == "vhp"
-    # a numpy array column (as from pandas) with questions is served by RBHP at its rate
-    rows = [make_row(i, questions=np.array(QUESTIONS, dtype=object)) for i in range(1000)]
-    share = np.mean([mix.choose(r, 0)[0] == "rbhp" for r in rows])
-    assert abs(share - 0.9) < 0.04
+def test_task_first_then_a_clip_from_the_tasks_own_pool(cfg):
+    """The release's HybridDataset: RBHP gets its rate however few clips have questions; its clips
+    are then drawn repeatedly (here 20 % coverage: each RBHP clip about 2.5x per 100 draws)."""
+    empties = [[], None, np.array([], dtype=object), ["", "  "]]
+    rows = [make_row(i, questions=QUESTIONS if i % 5 == 0 else empties[i % 4]) for i in range(500)]
+    mix = Mixture.from_config({"seed": 4}, cfg)
+    pools = mix.pools(rows)
+    assert pools["rbhp"].tolist() == list(range(0, 500, 5)) and len(pools["vhp"]) == 500
+    n = 20000
+    draws = mix.draw_epoch(pools, n, 0)
+    share = draws.counts()["rbhp"] / n
+    assert abs(share - 0.5) < 4 * np.sqrt(0.25 / n)  # not 0.5 x 20 % as a per-row choice would give
+    rbhp_rows = draws.rows[draws.tasks == mix.names.index("rbhp")]
+    assert set(rbhp_rows.tolist()) <= set(pools["rbhp"].tolist())
+    seen = np.bincount(rbhp_rows, minlength=500)[pools["rbhp"]]
+    assert seen.min() > 0 and abs(seen.mean() - n * 0.5 / 100) < 5  # each RBHP clip ~100 times
+    # a numpy array column (as from pandas) with questions is in the pool
+    assert len(mix.pools([make_row(0, questions=np.array(QUESTIONS, dtype=object))])["rbhp"]) == 1
 
 
-def test_rows_without_narration_go_to_rbhp_and_unservable_rows_raise(cfg):
+def test_empty_pools_are_not_drawn_and_no_pool_at_all_raises(cfg):
     mix = Mixture.from_config({}, cfg)
-    assert {mix.choose(make_row(i, narration=None), 0)[0] for i in range(300)} == {"rbhp"}
+    rows = [make_row(i, narration=None) for i in range(30)]
+    assert mix.draw_epoch(mix.pools(rows), 300, 0).counts() == {"rbhp": 300, "vhp": 0}
+    assert mix.drawn_probabilities(mix.pools(rows)) == {"rbhp": 1.0}
     with pytest.raises(NoTaskError, match="no task"):
-        mix.choose(make_row(0, narration=None, questions=[]), 0)
+        mix.draw_epoch(mix.pools([make_row(0, narration=None, questions=[])]), 10, 0)
+    with pytest.raises(NoTaskError, match="cannot serve"):
+        mix.conversation(make_row(0, questions=[]), "rbhp", 0)
     with pytest.raises(KeyError, match="sample_id"):
-        mix.choose({"narration": NARRATION}, 0)
+        mix.conversation({"narration": NARRATION}, "vhp", 0)
 
 
-def test_zero_rate_task_is_never_chosen_and_rbhp_only_rows_then_raise(cfg):
+def test_zero_rate_task_is_never_drawn(cfg):
     mix = Mixture.from_config({"task_rates": {"vhp": 1.0, "rbhp": 0.0}}, cfg)
-    assert {mix.choose(make_row(i), 0)[0] for i in range(300)} == {"vhp"}
+    assert mix.draw_epoch(mix.pools([make_row(i) for i in range(30)]), 300, 0).counts() == {"rbhp": 0, "vhp": 300}
     with pytest.raises(NoTaskError):
-        mix.choose(make_row(0, narration=None), 0)
+        mix.draw_epoch(mix.pools([make_row(0, narration=None)]), 10, 0)
 
 
 def test_mixture_validation(cfg):
@@ -184,7 +205,7 @@ def test_mixture_validation(cfg):
     with pytest.raises(ValueError, match="rephrase_rate"):
         VHPSource(1.5)
     with pytest.raises(ValueError, match="ModelConfig"):
-        Mixture({"vhp": VHPSource()}, {"vhp": 1.0}).choose(make_row(0), 0)
+        Mixture({"vhp": VHPSource()}, {"vhp": 1.0}).conversation(make_row(0), "vhp", 0)
 
 
 def test_from_config_reads_the_preset_train_section(cfg):
@@ -252,16 +273,15 @@ def test_every_vhp_mode_appears_with_its_structure(cfg):
 def test_hand_tokens_follow_the_config(cfg):
     cfg3 = load_model_config("tiny", ["model.num_future_points=3"])
     mix = Mixture.from_config({}, cfg3)
-    for i in range(200):
-        task, turns = mix.choose(make_row(i), 0)
+    for _task, _, turns in mix.epoch_conversations([make_row(i) for i in range(50)], 200, 0):
         counts = trajectory_counts(turns, cfg3)
         assert set(counts) <= {0, 3} and counts.count(3) == 1
 
 
 def test_mixture_conversations_follow_turn_conventions(cfg):
     mix = Mixture.from_config({}, cfg)
-    for i in range(1000):
-        task, turns = mix.choose(make_row(i), i % 3)
+    rows = [make_row(i) for i in range(100)]
+    for task, _, turns in [c for epoch in range(3) for c in mix.epoch_conversations(rows, 333, epoch)]:
         assert image_count(turns, cfg) == 1
         assert turns[0][0].startswith(cfg.image_token + "\n")
         assert all(cfg.image_token not in u for u, _ in turns[1:])
@@ -280,11 +300,13 @@ def test_conversations_tokenise_with_supervised_hand_tokens(cfg, tokenizer):
     mix = Mixture.from_config({}, cfg)
     seen = Counter()
     source = mix.sources["vhp"]
-    for i in range(400):
-        row = make_row(i)
-        task, turns = mix.choose(row, 0)
+    rows = [make_row(i) for i in range(100)]
+    draws = mix.draw_epoch(mix.pools(rows), 400, 0)
+    for j, (t, r) in enumerate(zip(draws.tasks.tolist(), draws.rows.tolist())):
+        row, task = rows[r], mix.names[t]
+        turns = mix.conversation(row, task, 0, j)
         if task == "vhp":
-            seen[source.draw(row, mix.source_rng(row, 0, "vhp"), cfg).mode] += 1
+            seen[source.draw(row, mix.source_rng(row, 0, "vhp", j), cfg).mode] += 1
         else:
             seen["rbhp"] += 1
         ids, labels = data.encode_conversation(tokenizer, turns, cfg)
@@ -334,13 +356,22 @@ def _jpegs(n=10, h=48, w=80):
     return [cv2.imencode(".jpg", rng.integers(0, 255, (h, w, 3), dtype=np.uint8))[1].tobytes() for _ in range(n)]
 
 
+def drawn(mix, rows, epoch=0):
+    """``rows`` as the draws of ``epoch`` over them deliver them: the j-th draw's clip, task and index."""
+    draws = mix.draw_epoch(mix.pools(rows), len(rows), epoch)
+    return drawn_rows([rows[r] for r in draws.rows.tolist()], draws, range(len(rows)))
+
+
 def test_make_example(cfg, tokenizer):
     mix = Mixture.from_config({"seed": 1}, cfg)
-    row = make_row(0)
-    row["obs_jpeg"] = _jpegs()
+    first = make_row(0)
+    first["obs_jpeg"] = _jpegs()
+    row, other = drawn(mix, [first], epoch=2)[0], drawn(mix, [make_row(1)])[0]
     ex = make_example(row, cfg, tokenizer, mix, epoch=2)
     assert isinstance(ex, MixtureExample) and isinstance(ex, data.Example)
-    assert (ex.task, ex.turns) == mix.choose(row, 2)
+    assert (ex.task, ex.turns) == (row["task"], mix.conversation(first, row["task"], 2, row["draw"]))
+    with pytest.raises(KeyError, match="was not drawn"):
+        make_example(first, cfg, tokenizer, mix, epoch=2)
     ids, labels = data.encode_conversation(tokenizer, ex.turns, cfg)
     assert (ex.input_ids, ex.labels) == (ids, labels)
     size = cfg.vision.config["image_size"]
@@ -350,8 +381,8 @@ def test_make_example(cfg, tokenizer):
     assert ex.future_valid.tolist() == [True, False] and ex.sample_id == row["sample_id"]
     # frames_fn overrides decoding (and may give None), rows without JPEGs give None
     assert make_example(row, cfg, tokenizer, mix, 2, frames_fn=lambda r: None).frames is None
-    assert make_example(make_row(1), cfg, tokenizer, mix, 0).frames is None
-    batch = data.collate([ex, make_example(make_row(1), cfg, tokenizer, mix, 0, frames_fn=lambda r: ex.frames)],
+    assert make_example(other, cfg, tokenizer, mix, 0).frames is None
+    batch = data.collate([ex, make_example(other, cfg, tokenizer, mix, 0, frames_fn=lambda r: ex.frames)],
                          pad_id=tokenizer.pad_token_id)
     assert batch["future_hands"].shape == (2, 2, cfg.num_future_points, 2)
 
@@ -382,11 +413,11 @@ def test_extra_sources_plug_in_by_name(cfg, tokenizer):
     mix = Mixture.from_config({"task_rates": {"vhp": 0.25, "rbhp": 0.25, "imgqa": 0.5}, "seed": 2}, cfg,
                               extra_sources={"imgqa": ToyImageQA(cfg)})
     n = 2000
-    counts = Counter(mix.choose(make_row(i), 0)[0] for i in range(n))
+    counts = mix.draw_epoch(mix.pools([make_row(i) for i in range(40)]), n, 0).counts()
     assert abs(counts["imgqa"] / n - 0.5) < 0.045 and abs(counts["vhp"] / n - 0.25) < 0.04
     hand_id = special_tokens(tokenizer, cfg).hand
-    for i in range(40):
-        ex = make_example(make_row(i), cfg, tokenizer, mix, 0)
+    for row in drawn(mix, [make_row(i) for i in range(40)]):
+        ex = make_example(row, cfg, tokenizer, mix, 0)
         if ex.task != "imgqa":
             continue
         k = int(ex.turns[0][0].rsplit(" ", 1)[1].rstrip("?"))

@@ -3,8 +3,8 @@
 ``handsonvlm.training`` (build_training, rows_to_batch, plain_step, fixed_batch_loss) on fixed
 rows from a fixed seed must reproduce these numbers, so a change that reorders RNG draws, model
 or optimizer construction, data order or float ops shows up here in seconds, without Ray or
-DeepSpeed. The values were computed from the recipe before it moved out of pipelines/training.py.
-They change only on purpose, and the commit that changes them says why.
+DeepSpeed. They change only on purpose, and the commit that changes them says why. Last change: the
+batches are now the mixture's task-first draws over the rows (each with its own conversation).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 
 from handsonvlm.config import ModelConfig, TrainConfig, load_preset
 from handsonvlm.constants import NUM_FUTURE_POINTS, NUM_HANDS, NUM_OBS_FRAMES, POINT_DIM
+from handsonvlm.mixture import drawn_rows
 from handsonvlm.training import LOSS_PARTS, build_training, fixed_batch_loss, plain_step, rows_to_batch
 
 PRESET = "tiny"
@@ -28,15 +29,15 @@ ACTIONS = [("take cup", "cup", "Where should my hand move to if I want to have a
            ("open drawer", "drawer", "How do I get to the cutlery?"),
            ("wash plate", "plate", "Where do my hands go to clean the dish?")]
 
-GOLDEN_TASKS = [["vhp", "rbhp"], ["vhp", "vhp"], ["rbhp", "vhp"], ["vhp", "vhp"], ["vhp", "rbhp"]]
+GOLDEN_TASKS = [["rbhp", "rbhp"], ["vhp", "rbhp"], ["rbhp", "rbhp"], ["rbhp", "vhp"], ["rbhp", "vhp"]]
 GOLDEN_LOSSES = [  # loss, text_loss, traj_loss, kl_loss of each step (before that step's update)
-    (18.194379806518555, 7.014979362487793, 11.170194625854492, 9.206161499023438),
-    (13.347188949584961, 6.900646686553955, 6.436908721923828, 9.633651733398438),
-    (9.618108749389648, 6.766561508178711, 2.840346574783325, 11.200613975524902),
-    (8.469968795776367, 6.628671169281006, 1.8281842470169067, 13.113271713256836),
-    (9.542041778564453, 6.490083694458008, 3.0380704402923584, 13.888153076171875),
+    (20.93001937866211, 6.980451583862305, 13.937334060668945, 12.234474182128906),
+    (16.83896255493164, 6.919915676116943, 9.906718254089355, 12.32828140258789),
+    (8.923575401306152, 6.734312057495117, 2.1826088428497314, 6.654324531555176),
+    (7.939031600952148, 6.707117080688477, 1.2240216732025146, 7.89298152923584),
+    (9.042631149291992, 6.613637447357178, 2.4158802032470703, 13.113534927368164),
 ]
-GOLDEN_FIXED_BATCH_LOSS = {"initial": 21.208839416503906, "final": 9.195615768432617}
+GOLDEN_FIXED_BATCH_LOSS = {"initial": 24.81181526184082, "final": 11.544927597045898}
 
 
 def golden_rows(count: int) -> list[dict]:
@@ -66,7 +67,9 @@ def golden_run() -> dict:
             parts = build_training(train, cfg, STEPS)
             generator = torch.Generator().manual_seed(train.seed)
             device = torch.device("cpu")
-            rows = golden_rows(STEPS * BATCH)
+            clips = golden_rows(STEPS * BATCH)
+            draws = parts.mixture.draw_epoch(parts.mixture.pools(clips), STEPS * BATCH, EPOCH)
+            rows = drawn_rows([clips[r] for r in draws.rows.tolist()], draws, range(len(draws)))
             fixed, _ = rows_to_batch(rows[:BATCH], parts.model, parts.mixture, EPOCH, device)
             initial = fixed_batch_loss(parts.model, fixed)
             losses, tasks = [], []
