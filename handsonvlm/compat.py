@@ -2,14 +2,18 @@
 
 Maps the released key names (read from ``Kami-code/HandsOnVLM-release`` at commit 89b7721) onto
 ours, drops what the release saved but never trained, checks the release's added-token ids, and
-reads released safetensors/bin shards safely. Provenance, the full mapping table and the
+reads released safetensors/bin shards safely. ``python -m handsonvlm.compat templates --release-repo
+PATH --out FILE`` reads the release's question/answer templates from a clone into a
+``data.templates`` file (:mod:`handsonvlm.templates`). Provenance, the full mapping table and the
 vocabulary rules: docs/MODEL.md, "The released checkpoint's key mapping".
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -17,6 +21,14 @@ from typing import NamedTuple
 import torch
 
 from handsonvlm.constants import NUM_TIME_TOKENS, POINT_DIM, RELEASE_DECODER_HIDDEN, RELEASE_DECODER_LATENT, time_token
+from handsonvlm.templates import (
+    PROJECT_TEMPLATES,
+    TemplateError,
+    TemplateSet,
+    differing_lists,
+    release_templates,
+    save_templates,
+)
 
 # ---- release vocabulary -------------------------------------------------------------------------
 RELEASE_BASE_VOCAB_SIZE = 32000  # Vicuna v1.3 / LLaMA
@@ -343,3 +355,44 @@ def load_release_weights(model, directory: str | Path, include_vision: bool = Fa
         raise ValueError(f"released checkpoint does not fit the model: missing {not_loaded[:5]}"
                          f"{'...' if len(not_loaded) > 5 else ''}, unexpected {unexpected[:5]}")
     return sorted(missing)
+
+
+# ---- command line -----------------------------------------------------------------------------------
+def templates_command(release_repo: str, out: str, rev: str | None = None) -> TemplateSet:
+    """``templates`` subcommand: the release's question/answer templates from a clone at
+    ``release_repo`` (working tree, or ``rev`` / ``HEAD`` of a bare git dir) written to ``out``
+    as a ``data.templates`` file; prints each list's count and whether it matches the project's."""
+    templates = release_templates(release_repo, rev=rev)
+    path = save_templates(templates, out)
+    differing = set(differing_lists(templates, PROJECT_TEMPLATES))
+    print(f"templates from {templates.source} -> {path}")
+    for name, values in templates.lists().items():
+        print(f"  {name:<28} {len(values):>2}  {'differs from' if name in differing else 'same as'} the project's")
+    print(f"use it with: --set data.templates={path}")
+    return templates
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m handsonvlm.compat SUBCOMMAND ...``; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m handsonvlm.compat",
+                                     description="Tools for the released HandsOnVLM (Kami-code/HandsOnVLM-release).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    templates = commands.add_parser(
+        "templates", help="read the release's question/answer templates into a data.templates JSON file",
+        description="Parse handsonvlm/constants.py and handsonvlm/dataset/epic_dataset.py of a release clone "
+                    "(with ast: nothing is imported or run) and write their template lists as JSON.")
+    templates.add_argument("--release-repo", required=True, metavar="PATH",
+                           help="a checkout of the release, or a bare git dir (then HEAD, or --rev)")
+    templates.add_argument("--rev", default=None, help="read the files at this git revision (git show REV:path)")
+    templates.add_argument("--out", required=True, metavar="FILE", help="the JSON file to write, e.g. templates.json")
+    args = parser.parse_args(argv)
+    try:
+        templates_command(args.release_repo, args.out, rev=args.rev)
+    except (FileNotFoundError, TemplateError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

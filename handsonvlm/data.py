@@ -20,14 +20,8 @@ import torch
 from handsonvlm.config import ModelConfig
 from handsonvlm.image import decode_jpegs, preprocess_frames
 from handsonvlm.model import IGNORE_INDEX, IMAGE_PLACEHOLDER
-from handsonvlm.prompts import (
-    ACTION_ANSWERS,
-    ACTION_QUESTIONS,
-    TEMPLATES,
-    TRAJECTORY_ANSWERS,
-    hand_tokens,
-    image_prompt,
-)
+from handsonvlm.prompts import TEMPLATES, hand_tokens, image_prompt
+from handsonvlm.templates import PROJECT_TEMPLATES, TemplateSet
 from handsonvlm.tokens import release_text_ids
 
 log = logging.getLogger(__name__)
@@ -48,19 +42,25 @@ class Example:
 
 
 def vhp_turns(narration: str, cfg: ModelConfig, question_index: int = 0, answer_index: int = 0,
-              with_answer: bool = True) -> list[tuple[str, str | None]]:
-    """A vanilla (action-naming) question and its trajectory answer."""
-    question = ACTION_QUESTIONS[question_index % len(ACTION_QUESTIONS)].format(narration)
-    answer = ACTION_ANSWERS[answer_index % len(ACTION_ANSWERS)].format(
+              with_answer: bool = True, templates: TemplateSet = PROJECT_TEMPLATES) -> list[tuple[str, str | None]]:
+    """A vanilla (action-naming) question and its trajectory answer: ``templates.action_questions``
+    and ``templates.action_answers`` picked by index (modulo their lengths), filled with
+    ``narration`` and ``cfg.num_future_points`` hand tokens; the answer is None when not
+    ``with_answer`` (a generation prompt)."""
+    questions, answers = templates.action_questions, templates.action_answers
+    question = questions[question_index % len(questions)].format(narration=narration)
+    answer = answers[answer_index % len(answers)].format(
         narration=narration, hands=hand_tokens(cfg.hand_token, cfg.num_future_points))
     return [(image_prompt(question, cfg.image_token), answer if with_answer else None)]
 
 
-def rbhp_turns(question: str, cfg: ModelConfig, answer_index: int = 0,
-               with_answer: bool = True) -> list[tuple[str, str | None]]:
-    """A reasoning question (implies the action) and its trajectory answer."""
-    answer = TRAJECTORY_ANSWERS[answer_index % len(TRAJECTORY_ANSWERS)].format(
-        hands=hand_tokens(cfg.hand_token, cfg.num_future_points))
+def rbhp_turns(question: str, cfg: ModelConfig, answer_index: int = 0, with_answer: bool = True,
+               templates: TemplateSet = PROJECT_TEMPLATES) -> list[tuple[str, str | None]]:
+    """A reasoning question (implies the action) and its trajectory answer, one of
+    ``templates.trajectory_answers`` picked by index (modulo its length); the answer is None when
+    not ``with_answer``."""
+    answers = templates.trajectory_answers
+    answer = answers[answer_index % len(answers)].format(hands=hand_tokens(cfg.hand_token, cfg.num_future_points))
     return [(image_prompt(question, cfg.image_token), answer if with_answer else None)]
 
 

@@ -5,9 +5,17 @@ LLaVA's templates, so training falls back to it) and evaluates with ``llava_v0``
 ``--conv-mode`` is given: a mismatch. Both modes here use ``vicuna_v1`` everywhere; ``llava_v0`` is
 kept to reproduce the release's evaluator on request (docs/MODEL.md).
 
-Only the action question/answer templates follow the release's ``handsonvlm/constants.py``; the
-general, follow-up and action-prediction wordings were written anew and do not match it yet.
-``{}`` is filled with the narration, ``{hands}`` with the hand tokens.
+The question/answer tuples below are the project's own wordings; :mod:`handsonvlm.templates`
+gathers them into ``PROJECT_TEMPLATES`` (a validated ``TemplateSet``), which is what conversation
+code should read. Only the action question/answer lists equal the release's
+(``handsonvlm/constants.py``); the other lists differ from the release's as lists, although some
+single entries are the release's (GENERAL_QUESTIONS[0], TRAJECTORY_ANSWERS[0],
+ACTION_PREDICTION_ANSWERS[0] and ACTION_PREDICTION_NOUN_ANSWERS[0], checked against commit
+89b7721). The release's lists themselves are read from the user's clone:
+``python -m handsonvlm.compat templates`` writes them to a file for ``data.templates``.
+``{narration}`` is filled with the narration, ``{hands}`` with the hand tokens, ``{noun}`` with
+the clip's noun; ACTION_QUESTIONS alone keeps a positional ``{}`` for the narration (its callers
+use ``.format(narration)``; ``PROJECT_TEMPLATES.action_questions`` names it ``{narration}``).
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ TEMPLATES = {
                          "Human", "Assistant", "###", "###"),
 }
 
-# VHP: the question names the action.
+# VHP: the question names the action (positional "{}": see the module docstring).
 ACTION_QUESTIONS = (
     "Where should my hand move to if I want to {}?",
     "Can you provide the hand trajectory for {}?",
@@ -97,7 +105,8 @@ FOLLOW_UP_TRAJECTORY_QUESTIONS = (
     "Where should my hands move to do this?",
 )
 # The release's third action-prediction answer also names the clip's EPIC noun (``action.noun``);
-# used by ``handsonvlm.mixture`` alongside ACTION_PREDICTION_ANSWERS when the row has a noun.
+# used alongside ACTION_PREDICTION_ANSWERS when the row has a noun (PROJECT_TEMPLATES holds both
+# in ``action_prediction_answers``; ``TemplateSet.action_prediction_answers_for`` picks).
 ACTION_PREDICTION_NOUN_ANSWERS = (
     "The action that is going to happen in this video is {narration}. Because there are {noun} in the video.",
 )

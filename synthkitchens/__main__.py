@@ -3,7 +3,12 @@
 Usage::
 
     python -m synthkitchens --out DIR [--videos 24] [--seed 0] [--actions-per-video 12]
-        [--fps 30.0] [--rgb-frames 0] [--workers 2] [--no-videos]
+        [--fps 30.0] [--rgb-frames 0] [--workers 2] [--no-videos] [--rbhp-coverage F]
+
+``--rbhp-coverage F`` gives RBHP (reasoning) questions to exactly round(F * N) of each split's N
+actions, seeded by ``--seed`` (the real EPIC-100 question files cover about 0.19); without it
+each action keeps its scene's own draw, about 90 % of them with questions
+(:mod:`synthkitchens.generate`, "RBHP coverage").
 
 It ends with the ``pipelines/preprocess.py`` command that preprocesses the tree into ``DIR-data``.
 """
@@ -42,14 +47,21 @@ def main(argv=None) -> dict:
                         help="also extract 60-fps rgb_frames JPEGs for the first K videos")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-videos", action="store_true", help="annotations, questions and labels only")
+    parser.add_argument("--rbhp-coverage", type=float, default=None, metavar="F",
+                        help="fraction of each split's actions that get RBHP questions, in [0, 1] (real EPIC: "
+                             "about 0.19); default: each action's own draw, about 0.9")
     args = parser.parse_args(argv)
+    if args.rbhp_coverage is not None and not 0.0 <= args.rbhp_coverage <= 1.0:
+        parser.error(f"--rbhp-coverage must lie in [0, 1], got {args.rbhp_coverage}")
     summary = generate(args.out, videos=args.videos, seed=args.seed, actions_per_video=args.actions_per_video,
                        fps=args.fps, rgb_frames=args.rgb_frames, workers=args.workers,
-                       write_videos=not args.no_videos)
+                       write_videos=not args.no_videos, rbhp_coverage=args.rbhp_coverage)
     print(f"SynthKitchens {GENERATOR_VERSION} -> {summary['out_dir']} ({summary['seconds']} s)")
     for split in SPLITS:
-        print(f"  {split:<10} videos {summary['videos'][split]:>3}  actions {summary['actions'][split]:>4}"
-              f"  clips with questions {summary['question_clips'][split]:>4}")
+        actions, with_questions = summary["actions"][split], summary["question_clips"][split]
+        share = f" ({with_questions / actions:.0%})" if actions else ""
+        print(f"  {split:<10} videos {summary['videos'][split]:>3}  actions {actions:>4}"
+              f"  clips with questions {with_questions:>4}{share}")
     if summary["rgb_frame_videos"]:
         print(f"  rgb_frames for {', '.join(summary['rgb_frame_videos'])}")
     if summary["actions"]["validation"]:

@@ -15,7 +15,17 @@ Output tree (all paths relative to the output root)::
     synthkitchens.json                                     generator metadata (objects, targets, sides, splits)
 
 Every file except the MP4/JPEG bytes is byte-identical for the same arguments, whatever ``workers``;
-decoded frames are identical too. The scenes come from :mod:`synthkitchens.scene`, the media from
+decoded frames are identical too.
+
+RBHP coverage: by default each action gets 0, 1 or 3 reasoning questions as its scene drew them
+(``scene.QUESTION_PROBS``: about 90 % of the actions have some). ``rbhp_coverage=F`` (CLI
+``--rbhp-coverage F``; the real EPIC-100 question files cover about 19 % of the actions) instead
+gives questions to exactly ``round(F * N)`` of each split's N actions, chosen with a random stream
+of their own (``seed``, :data:`RBHP_COVERAGE_STREAM`, split): actions whose scene drew questions
+are kept first, so a lower coverage keeps a subset of a higher one's questions, and an action
+added beyond those draws its 1 or 3 purposes from the same stream. Scenes, videos, labels and
+annotations do not change with the coverage; only the question files and the metadata's
+``num_questions`` do. The scenes come from :mod:`synthkitchens.scene`, the media from
 :mod:`synthkitchens.render`.
 """
 
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import pickle
 import shutil
 import time
@@ -43,6 +54,7 @@ from synthkitchens.render import render_videos
 from synthkitchens.scene import (
     ACTIVE_REGION_NORM,
     NOUN_CLASSES,
+    QUESTION_PROBS,
     VERB_CLASSES,
     VOCABULARY,
     Action,
@@ -68,6 +80,9 @@ QUESTION_STEMS = (  # the three stems of the released RBHP files
     "What is the recommended hand movement for {gerund}?",
 )
 QUESTION_SEPARATOR = "  \n"  # two spaces + newline, as in the released files
+# Seed-sequence entry that separates the coverage draw from the scenes' streams ([seed, video index]),
+# so that choosing which actions keep questions never shifts any other random draw.
+RBHP_COVERAGE_STREAM = 0x52424850  # "RBHP"
 
 ANNOTATION_COLUMNS = [
     "narration_id", "participant_id", "video_id", "narration_timestamp", "start_timestamp",
@@ -160,8 +175,44 @@ def _action_record(scene: VideoScene, action: Action, split: str) -> dict:
         "action": action,
         "obs_frames": obs,
         "question_key": frame_path(scene.participant_id, scene.video_id, last_obs),
+        "question_purposes": list(action.question_purposes),
         "question": question_string(kind, action.question_purposes) if action.question_purposes else None,
     }
+
+
+def _added_question_purposes(rng: np.random.Generator, kind: ObjectKind) -> list[int]:
+    """Purposes for an action given questions beyond its scene's draw: 1 or 3 of them, with the
+    scene's odds of one question among actions that have any (``QUESTION_PROBS``)."""
+    p_none, p_one = QUESTION_PROBS
+    count = 1 if rng.random() < p_one / (1.0 - p_none) else len(QUESTION_STEMS)
+    return [int(i) for i in rng.permutation(len(kind.purposes))[:count]]
+
+
+def apply_rbhp_coverage(records: dict[str, list[dict]], coverage: float, seed: int) -> None:
+    """Give RBHP questions to exactly ``round(coverage * N)`` of each split's N action records
+    (in place: ``question_purposes`` and ``question``), deterministic in (``seed``, the records).
+
+    Actions whose scene drew questions are chosen first (in random order), then the others, so
+    the chosen set grows with ``coverage`` and an action keeps its scene's questions when chosen.
+    """
+    if not 0.0 <= coverage <= 1.0:
+        raise ValueError(f"rbhp_coverage must lie in [0, 1], got {coverage}")
+    for split_index, split in enumerate(SPLITS):
+        split_records = records[split]
+        rng = np.random.default_rng([seed, RBHP_COVERAGE_STREAM, split_index])
+        with_questions = [r for r in split_records if r["question_purposes"]]
+        without = [r for r in split_records if not r["question_purposes"]]
+        priority = ([with_questions[i] for i in rng.permutation(len(with_questions))]
+                    + [without[i] for i in rng.permutation(len(without))])
+        chosen_count = int(math.floor(coverage * len(split_records) + 0.5))  # round half up
+        for rank, r in enumerate(priority):
+            kind = VOCABULARY[r["row"]["noun"]]
+            if rank >= chosen_count:
+                r["question_purposes"] = []
+            elif not r["question_purposes"]:
+                r["question_purposes"] = _added_question_purposes(rng, kind)
+            purposes = r["question_purposes"]
+            r["question"] = question_string(kind, purposes) if purposes else None
 
 
 def build_label(scene: VideoScene, action: Action, obs_frames: np.ndarray) -> dict:
@@ -297,7 +348,7 @@ def build_metadata(scenes: list[VideoScene], records: dict[str, list[dict]], arg
                 "last_obs_frame": int(r["obs_frames"][-1]),
                 "grasp_norm": {s: _normalised(*p) for s, p in action.grasp.items()},
                 "question_key": r["question_key"],
-                "num_questions": len(action.question_purposes),
+                "num_questions": len(r["question_purposes"]),
                 "split": r["split"],
                 "hoi_uid": r["uid"],
             })
@@ -357,7 +408,8 @@ def _clear_previous_output(out: Path) -> None:
 
 
 def generate(out_dir, videos: int = 24, seed: int = 0, actions_per_video: int = 12, fps: float = 30.0,
-             rgb_frames: int = 0, workers: int = 2, *, write_videos: bool = True) -> dict:
+             rgb_frames: int = 0, workers: int = 2, *, write_videos: bool = True,
+             rbhp_coverage: float | None = None) -> dict:
     """Generate a SynthKitchens dataset under ``out_dir`` and return a summary.
 
     Args:
@@ -369,6 +421,8 @@ def generate(out_dir, videos: int = 24, seed: int = 0, actions_per_video: int = 
         rgb_frames: extract 60-fps JPEG rgb_frames for the first K videos (sorted by id).
         workers: processes for rendering/encoding (outputs do not depend on it).
         write_videos: False skips MP4s and rgb_frames (annotations, labels and questions only).
+        rbhp_coverage: the fraction of each split's actions that get RBHP questions (exactly
+            ``round(F * N)``, see the module docstring); None keeps the scenes' own draw (~90 %).
 
     Returns:
         dict with ``out_dir``, per-split ``videos``/``actions``/``question_clips`` counts,
@@ -376,6 +430,8 @@ def generate(out_dir, videos: int = 24, seed: int = 0, actions_per_video: int = 
     """
     if videos < 1 or actions_per_video < 1 or fps <= 0:
         raise ValueError("videos and actions_per_video must be >= 1 and fps > 0")
+    if rbhp_coverage is not None and not 0.0 <= rbhp_coverage <= 1.0:
+        raise ValueError(f"rbhp_coverage must lie in [0, 1], got {rbhp_coverage}")
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -383,6 +439,8 @@ def generate(out_dir, videos: int = 24, seed: int = 0, actions_per_video: int = 
     paths = tree_paths(out)
     arguments = {"videos": videos, "seed": seed, "actions_per_video": actions_per_video, "fps": float(fps),
                  "rgb_frames": rgb_frames, "write_videos": write_videos}
+    if rbhp_coverage is not None:  # recorded only when given, so a default tree's metadata stays as before
+        arguments["rbhp_coverage"] = float(rbhp_coverage)
 
     ids = video_ids(videos)
     n_val = num_validation_videos(videos)
@@ -399,6 +457,8 @@ def generate(out_dir, videos: int = 24, seed: int = 0, actions_per_video: int = 
         for r in records[split]:
             r["uid"] = uid
             uid += 1
+    if rbhp_coverage is not None:
+        apply_rbhp_coverage(records, rbhp_coverage, seed)
 
     rgb_videos = sorted(vid for _, vid in ids)[:max(0, rgb_frames)] if write_videos else []
     write_annotations(paths["annotations"], records, scenes)

@@ -20,6 +20,7 @@ from handsonvlm.constants import EPIC_FRAME_HEIGHT, EPIC_FRAME_WIDTH
 from preprocessing.window import frame_path, future_frame_indices, observation_frame_indices
 from synthkitchens import generate as synth
 from synthkitchens import scene as scene_lib
+from synthkitchens.__main__ import main as synth_cli
 from synthkitchens.gap_report import language_gap_report
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,6 +263,64 @@ def test_question_rates_and_unique_purposes(tmp_path):
                   for r in read_csv(tmp_path / "annotations" / name)}
     assert set(rephrase) == narrations
     assert all(isinstance(v, list) and len(v) == 1 and v[0] for v in rephrase.values())
+
+
+COVERAGE_TREE = dict(videos=6, seed=3, actions_per_video=12, write_videos=False)
+QUESTION_FILE_PATHS = {f"handsonvlm_assets/{name}" for name in synth.QUESTION_FILES.values()}
+
+
+def read_question_files(root: Path) -> dict[str, dict[str, str]]:
+    return {split: json.loads((root / "handsonvlm_assets" / name).read_text(encoding="utf-8"))
+            for split, name in synth.QUESTION_FILES.items()}
+
+
+def test_rbhp_coverage(tmp_path):
+    default = synth.generate(tmp_path / "default", **COVERAGE_TREE)
+    # default: exactly the actions whose scene drew questions (today's ~90 %)
+    ids = synth.video_ids(COVERAGE_TREE["videos"])
+    scenes = [scene_lib.sample_scene(COVERAGE_TREE["seed"], i, vid, pid, COVERAGE_TREE["actions_per_video"], 30.0)
+              for i, (pid, vid) in enumerate(ids)]
+    drawn = sum(bool(a.question_purposes) for s in scenes for a in s.actions)
+    assert sum(default["question_clips"].values()) == drawn
+
+    trees = {}
+    for coverage in (0.0, 0.2, 0.5, 1.0):
+        summary = synth.generate(tmp_path / f"c{coverage}", rbhp_coverage=coverage, **COVERAGE_TREE)
+        trees[coverage] = read_question_files(tmp_path / f"c{coverage}")
+        for split in synth.SPLITS:
+            actions = summary["actions"][split]
+            # exactly round(F * N) actions: within half an action of F * N
+            assert abs(summary["question_clips"][split] - coverage * actions) <= 0.5, (coverage, split)
+            assert len(trees[coverage][split]) == summary["question_clips"][split]
+    assert sum(default["actions"].values()) == sum(len(q) for q in trees[1.0].values())
+    assert all(not q for q in trees[0.0].values())
+    # nested: a lower coverage keeps a subset of a higher one's questions, with the same text
+    for low, high in ((0.2, 0.5), (0.5, 1.0)):
+        for split in synth.SPLITS:
+            assert trees[low][split].items() <= trees[high][split].items()
+
+    # only the question files and the metadata change with the coverage; reruns are identical
+    base, covered = non_media_files(tmp_path / "default"), non_media_files(tmp_path / "c0.2")
+    assert {name for name in base if base[name] != covered[name]} == QUESTION_FILE_PATHS | {synth.METADATA_FILE}
+    synth.generate(tmp_path / "again", rbhp_coverage=0.2, **COVERAGE_TREE)
+    assert non_media_files(tmp_path / "again") == covered
+    meta = json.loads((tmp_path / "c0.2" / synth.METADATA_FILE).read_text(encoding="utf-8"))
+    assert meta["arguments"]["rbhp_coverage"] == 0.2
+    for _, action in all_actions(meta):
+        text = trees[0.2][action["split"]].get(action["question_key"])
+        assert action["num_questions"] == (len(QUESTION_RE.findall(text)) if text else 0)
+        assert action["num_questions"] in (0, 1, 3)
+    with pytest.raises(ValueError, match="rbhp_coverage"):
+        synth.generate(tmp_path / "bad", rbhp_coverage=1.5, **COVERAGE_TREE)
+
+
+def test_cli_rbhp_coverage(tmp_path, capsys):
+    summary = synth_cli(["--out", str(tmp_path / "cli"), "--videos", "5", "--seed", "1", "--no-videos",
+                    "--rbhp-coverage", "0.25"])
+    assert summary["question_clips"]["train"] == round(0.25 * summary["actions"]["train"])
+    assert "(25%)" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        synth_cli(["--out", str(tmp_path / "bad"), "--no-videos", "--rbhp-coverage", "-0.1"])
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
