@@ -24,18 +24,8 @@ import torch
 from handsonvlm import data
 from handsonvlm.config import ModelConfig
 from handsonvlm.image import CLIP_IMAGE_SIZE
-from handsonvlm.prompts import (
-    ACTION_ANSWERS,
-    ACTION_PREDICTION_ANSWERS,
-    ACTION_PREDICTION_NOUN_ANSWERS,
-    ACTION_PREDICTION_QUESTIONS,
-    ACTION_QUESTIONS,
-    FOLLOW_UP_TRAJECTORY_QUESTIONS,
-    GENERAL_QUESTIONS,
-    TRAJECTORY_ANSWERS,
-    hand_tokens,
-    image_prompt,
-)
+from handsonvlm.prompts import hand_tokens, image_prompt
+from handsonvlm.templates import PROJECT_TEMPLATES, TemplateSet
 
 Turns = list[tuple[str, str]]
 DEFAULT_TASK_RATES = {"vhp": 0.5, "rbhp": 0.5}
@@ -139,8 +129,8 @@ class Media:
     future_valid: torch.Tensor | None = None  # [2] bool
 
 
-def _trajectory_answer(rng: np.random.Generator, cfg: ModelConfig) -> str:
-    return _pick(TRAJECTORY_ANSWERS, rng).format(hands=hand_tokens(cfg.hand_token, cfg.num_future_points))
+def _trajectory_answer(templates: TemplateSet, rng: np.random.Generator, cfg: ModelConfig) -> str:
+    return _pick(templates.trajectory_answers, rng).format(hands=hand_tokens(cfg.hand_token, cfg.num_future_points))
 
 
 @dataclass(frozen=True)
@@ -160,6 +150,7 @@ class VHPSource:
     rephrase_rate: float = DEFAULT_REPHRASE_RATE
     name: str = "vhp"
     dataset: str = "epic"
+    templates: TemplateSet = PROJECT_TEMPLATES
 
     def __post_init__(self):
         if not 0.0 <= float(self.rephrase_rate) <= 1.0:
@@ -177,24 +168,24 @@ class VHPSource:
         if rephrased:
             narration = _pick(paraphrases, rng)
 
+        t = self.templates
         if mode == 0:
-            turns = data.vhp_turns(narration, cfg, question_index=int(rng.integers(len(ACTION_QUESTIONS))),
-                                   answer_index=int(rng.integers(len(ACTION_ANSWERS))))
+            turns = data.vhp_turns(narration, cfg, question_index=int(rng.integers(len(t.action_questions))),
+                                   answer_index=int(rng.integers(len(t.action_answers))), templates=t)
         elif mode == 1:
-            turns = [(image_prompt(_pick(GENERAL_QUESTIONS, rng), cfg.image_token), _trajectory_answer(rng, cfg))]
+            turns = [(image_prompt(_pick(t.general_questions, rng), cfg.image_token), _trajectory_answer(t, rng, cfg))]
         elif mode == 2:
-            turns = [(image_prompt(_pick(ACTION_PREDICTION_QUESTIONS, rng), cfg.image_token),
+            turns = [(image_prompt(_pick(t.action_prediction_questions, rng), cfg.image_token),
                       self._action_answer(narration, row, rng)),
-                     (_pick(FOLLOW_UP_TRAJECTORY_QUESTIONS, rng), _trajectory_answer(rng, cfg))]
+                     (_pick(t.follow_up_questions, rng), _trajectory_answer(t, rng, cfg))]
         else:
-            turns = [(image_prompt(_pick(GENERAL_QUESTIONS, rng), cfg.image_token), _trajectory_answer(rng, cfg)),
-                     (_pick(ACTION_PREDICTION_QUESTIONS, rng), self._action_answer(narration, row, rng))]
+            turns = [(image_prompt(_pick(t.general_questions, rng), cfg.image_token), _trajectory_answer(t, rng, cfg)),
+                     (_pick(t.action_prediction_questions, rng), self._action_answer(narration, row, rng))]
         return VHPDraw(mode, narration, rephrased, [(u, a) for u, a in turns])
 
-    @staticmethod
-    def _action_answer(narration: str, row: Mapping, rng: np.random.Generator) -> str:
-        noun = _text(row.get("noun"))
-        options = ACTION_PREDICTION_ANSWERS + (ACTION_PREDICTION_NOUN_ANSWERS if noun else ())
+    def _action_answer(self, narration: str, row: Mapping, rng: np.random.Generator) -> str:
+        noun = _text(row.get("noun"))  # answers naming the noun only for clips that have one
+        options = self.templates.action_prediction_answers_for(noun is not None)
         return _pick(options, rng).format(narration=narration, noun=noun)
 
     def serves(self, row: Mapping) -> bool:
@@ -211,6 +202,7 @@ class RBHPSource:
 
     name: str = "rbhp"
     dataset: str = "epic"
+    templates: TemplateSet = PROJECT_TEMPLATES
 
     def serves(self, row: Mapping) -> bool:
         return has_rbhp(row)
@@ -220,21 +212,23 @@ class RBHPSource:
         if not questions:
             return None
         question = _pick(questions, rng)
-        answer_index = int(rng.integers(len(TRAJECTORY_ANSWERS)))
-        return [(u, a) for u, a in data.rbhp_turns(question, cfg, answer_index=answer_index)]
+        answer_index = int(rng.integers(len(self.templates.trajectory_answers)))
+        return [(u, a) for u, a in data.rbhp_turns(question, cfg, answer_index=answer_index,
+                                                     templates=self.templates)]
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation prompts
 
 
-def vhp_eval_turns(row: Mapping, cfg: ModelConfig, rng: np.random.Generator) -> list[tuple[str, None]]:
+def vhp_eval_turns(row: Mapping, cfg: ModelConfig, rng: np.random.Generator,
+                   templates: TemplateSet = PROJECT_TEMPLATES) -> list[tuple[str, None]]:
     """The VHP evaluation prompt: an action question with the RAW narration, no answer."""
     narration = _text(row.get("narration"))
     if narration is None:
         raise ValueError(f"row {row.get('sample_id')!r} has no narration: it cannot be a VHP evaluation sample")
-    index = int(rng.integers(len(ACTION_QUESTIONS)))
-    return data.vhp_turns(narration, cfg, question_index=index, with_answer=False)
+    index = int(rng.integers(len(templates.action_questions)))
+    return data.vhp_turns(narration, cfg, question_index=index, with_answer=False, templates=templates)
 
 
 def rbhp_eval_turns(row: Mapping, cfg: ModelConfig, rng: np.random.Generator) -> list[tuple[str, None]]:
@@ -312,15 +306,18 @@ class Mixture:
 
     @classmethod
     def from_config(cls, train_cfg: Mapping | None, model_cfg: ModelConfig | None = None,
-                    extra_sources: Mapping[str, TaskSource] | None = None) -> Mixture:
+                    extra_sources: Mapping[str, TaskSource] | None = None,
+                    templates: TemplateSet = PROJECT_TEMPLATES) -> Mixture:
         """From a preset's ``train:`` section: ``task_rates`` (default {"vhp": 0.5, "rbhp": 0.5}),
-        ``rephrase_rate`` (default 0.5), ``seed`` (default 0). ``vhp``/``rbhp`` are built here;
-        any other task in ``task_rates`` must come in ``extra_sources`` (which may also replace them)."""
+        ``rephrase_rate`` (default 0.5), ``seed`` (default 0). ``vhp``/``rbhp`` are built here,
+        with ``templates`` (:func:`handsonvlm.templates.templates_for`); any other task in
+        ``task_rates`` must come in ``extra_sources`` (which may also replace them)."""
         train_cfg = dict(train_cfg or {})
         rates = dict(train_cfg.get("task_rates") or DEFAULT_TASK_RATES)
         rephrase = train_cfg.get("rephrase_rate")
-        builtin = {"vhp": VHPSource(DEFAULT_REPHRASE_RATE if rephrase is None else float(rephrase)),
-                   "rbhp": RBHPSource()}
+        builtin = {"vhp": VHPSource(DEFAULT_REPHRASE_RATE if rephrase is None else float(rephrase),
+                                    templates=templates),
+                   "rbhp": RBHPSource(templates=templates)}
         sources = {name: builtin[name] for name in rates if name in builtin}
         sources.update(extra_sources or {})
         seed = train_cfg.get("seed")

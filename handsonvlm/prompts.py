@@ -7,11 +7,11 @@ kept to reproduce the release's evaluator on request (docs/MODEL.md).
 
 The question/answer tuples below are the project's own wordings; :mod:`handsonvlm.templates`
 gathers them into ``PROJECT_TEMPLATES`` (a validated ``TemplateSet``), which is what conversation
-code should read. Only the action question/answer lists equal the release's
-(``handsonvlm/constants.py``); the other lists differ from the release's as lists, although some
-single entries are the release's (GENERAL_QUESTIONS[0], TRAJECTORY_ANSWERS[0],
-ACTION_PREDICTION_ANSWERS[0] and ACTION_PREDICTION_NOUN_ANSWERS[0], checked against commit
-89b7721). The release's lists themselves are read from the user's clone:
+code should read. Only ACTION_QUESTIONS equals a release list (``action_question_templates``):
+they are the VHP benchmark's question format, which the RBHP question files also reuse, so
+corrected-mode evaluation asks what the release's evaluator asks. Every other wording here is the
+project's own (checked against the release at commit 89b7721: no other sentence is shared). The
+release's lists themselves are read from the user's clone:
 ``python -m handsonvlm.compat templates`` writes them to a file for ``data.templates``.
 ``{narration}`` is filled with the narration, ``{hands}`` with the hand tokens, ``{noun}`` with
 the clip's noun; ACTION_QUESTIONS alone keeps a positional ``{}`` for the narration (its callers
@@ -79,17 +79,17 @@ ACTION_QUESTIONS = (
     "What is the recommended hand movement for {}?",
 )
 ACTION_ANSWERS = (
-    "Certainly! The hand trajectory for {narration} is as follows: {hands}.",
-    "To {narration}, the recommended hand trajectory is: {hands}.",
+    "Sure. To {narration}, the hands move like this: {hands}.",
+    "For {narration}, the hands follow this path: {hands}.",
 )
 # Questions that name no action (VHP modes 1-3 and RBHP answers).
 GENERAL_QUESTIONS = (
-    "What is the future hand trajectory in this video?",
+    "Where will the hands go in this clip?",
     "Can you predict where the hands will move next?",
     "How will the hands move in the next second?",
 )
 TRAJECTORY_ANSWERS = (
-    "The hand trajectory for this action is as follows: {hands}.",
+    "Here is where the hands will move: {hands}.",
     "The predicted hand trajectory is: {hands}.",
 )
 ACTION_PREDICTION_QUESTIONS = (
@@ -97,18 +97,18 @@ ACTION_PREDICTION_QUESTIONS = (
     "What will the person do next?",
 )
 ACTION_PREDICTION_ANSWERS = (
-    "The predicted action in this video is {narration}.",
+    "Next, the person will {narration}.",
     "The action that is going to happen in this video is {narration}.",
 )
 FOLLOW_UP_TRAJECTORY_QUESTIONS = (
     "What is the hand trajectory for doing this?",
     "Where should my hands move to do this?",
 )
-# The release's third action-prediction answer also names the clip's EPIC noun (``action.noun``);
+# Answers that also name the clip's EPIC noun (as the release's third one does with ``action.noun``);
 # used alongside ACTION_PREDICTION_ANSWERS when the row has a noun (PROJECT_TEMPLATES holds both
 # in ``action_prediction_answers``; ``TemplateSet.action_prediction_answers_for`` picks).
 ACTION_PREDICTION_NOUN_ANSWERS = (
-    "The action that is going to happen in this video is {narration}. Because there are {noun} in the video.",
+    "The person is about to {narration}; there is {noun} in view.",
 )
 
 

@@ -19,6 +19,7 @@ from handsonvlm.config import ModelConfig, TrainConfig
 from handsonvlm.data import collate, max_text_tokens
 from handsonvlm.mixture import Mixture, make_example
 from handsonvlm.model import HandsOnVLM
+from handsonvlm.templates import PROJECT_TEMPLATES, TemplateSet
 
 FIXED_BATCH_SEED = 1234  # CVAE noise of the fixed-batch loss, identical before and after a restore
 LOSS_PARTS = ("loss", "text_loss", "traj_loss", "kl_loss")  # what the model's forward returns, logged per step
@@ -54,9 +55,11 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str) -> Callable[
     return factor
 
 
-def build_training(train_cfg: TrainConfig, model_cfg: ModelConfig, total_steps: int) -> TrainingParts:
+def build_training(train_cfg: TrainConfig, model_cfg: ModelConfig, total_steps: int,
+                   templates: TemplateSet = PROJECT_TEMPLATES) -> TrainingParts:
     """The model (from ``train_cfg.seed``: identical initial weights in every process), AdamW over
-    its trainable parameters, the LR schedule over ``total_steps`` optimizer steps and the mixture.
+    its trainable parameters, the LR schedule over ``total_steps`` optimizer steps and the mixture
+    (its conversations made of ``templates``).
 
     The construction order is part of the result: the model draws its initial weights from the
     global torch RNG right after the seed is set."""
@@ -67,7 +70,7 @@ def build_training(train_cfg: TrainConfig, model_cfg: ModelConfig, total_steps: 
                                   weight_decay=train_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(total_steps, train_cfg.warmup_ratio, train_cfg.lr_schedule))
-    mixture = Mixture.from_config(train_cfg.to_dict(), model_cfg=model_cfg)
+    mixture = Mixture.from_config(train_cfg.to_dict(), model_cfg=model_cfg, templates=templates)
     return TrainingParts(model, trainable, optimizer, scheduler, mixture)
 
 

@@ -37,6 +37,7 @@ from handsonvlm.config import (
     section_overrides,
 )
 from handsonvlm.mixture import Mixture
+from handsonvlm.templates import TemplatesFileMissing, templates_for
 from pipelines import tracking
 from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, absolute_uri, add_ray_flags, init_ray, setup_logging
 from preprocessing import layout, storage
@@ -87,10 +88,15 @@ def plan_training(config: dict) -> tuple[str, dict, Mixture]:
     """(data root, plan, mixture) of a resolved config: reads the sample shards' light columns only."""
     train = config["train"]
     data = layout.data_root(absolute_uri(train["data"]))
-    mixture = Mixture.from_config(train, ModelConfig.from_dict(config["model"]))
+    mixture = Mixture.from_config(train, ModelConfig.from_dict(config["model"]))  # the draws need no templates
     plan = plan_data(layout.samples_dir(data, train["split"]), train["num_workers"], train["micro_batch_size"],
                      train["gradient_accumulation_steps"], mixture, train["samples_per_epoch"])
     return data, plan, mixture
+
+
+def run_templates(config: dict):
+    """The run's question/answer templates (``data.templates``, required in release mode)."""
+    return templates_for(ModelConfig.from_dict(config["model"]), DataConfig.from_dict(config.get("data")))
 
 
 def dry_run(config: dict) -> dict:
@@ -102,6 +108,11 @@ def dry_run(config: dict) -> dict:
               **describe_plan(plan, mixture, train["epochs"], train["max_steps"])}
     report["warmup_steps"] = math.ceil(train["warmup_ratio"] * plan["steps_per_epoch"] * train["epochs"])
     warnings = []
+    try:
+        report["templates"] = run_templates(config).source
+    except TemplatesFileMissing as exc:
+        report["templates"] = None
+        warnings.append(str(exc))
     for part in ("lm", "vision"):
         path = model[part].get("pretrained")
         if path and not Path(path).exists():
@@ -180,6 +191,7 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
     from pipelines.train_worker import train_loop_per_worker  # torch, the model: where training runs
 
     train = config["train"]
+    templates = run_templates(config)  # read here, on the driver: workers need not see the file
     data, plan, _ = plan_training(config)
     shares = ", ".join(f"{n} {len(pool)} clips" for n, pool in plan["pools"].items())
     print(f"[train] {run_name}: {plan['total_rows']} clips in {len(plan['files'])} shards ({shares}); "
@@ -198,7 +210,8 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
         exp_id = tracking.experiment_id(mlflow_client)
         tags = {"git_commit": tracking.git_commit() or "unknown", "preset": str(config.get("preset")),
                 "zero_stage": str(train["zero_stage"]), "world_size": str(train["num_workers"]),
-                "stage": "train", "device": "gpu" if use_gpu else "cpu", **(extra_tags or {})}
+                "stage": "train", "device": "gpu" if use_gpu else "cpu", "templates": templates.source,
+                **(extra_tags or {})}
         params = tracking.flatten({"model": config["model"], "train": train})
         run_id, resumed = tracking.start_run(mlflow_client, exp_id, run_name, params, tags)
         state = "resumed" if resumed else "new"
@@ -206,7 +219,8 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
         log_inputs(mlflow_client, run_id, data, train, plan, val)
     settings = {"tracking_uri": tracking.tracking_uri(), "run_id": run_id,
                 "system_metrics_interval_s": tracking.system_metrics_interval_s()}
-    loop_config = {**config, "plan": plan, "export_path": export_path, "mlflow": settings if run_id else None}
+    loop_config = {**config, "plan": plan, "export_path": export_path, "mlflow": settings if run_id else None,
+                   "templates": {**templates.lists(), "source": templates.source}}
 
     storage = absolute_uri(storage)
     steps = total_steps(plan["steps_per_epoch"], train["epochs"], train["max_steps"])

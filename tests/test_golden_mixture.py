@@ -3,7 +3,8 @@
 The draws (task, clip, question template, paraphrase, answer template) are pinned in
 ``tests/golden/mixture_draws_seed0.json``. They change only on purpose (new templates, a new
 sampling rule); the commit that changes them says why. Last change: the task-first draws with
-per-task pools (the release's HybridDataset sampling) replaced the per-row task choice. Regenerate with
+per-task pools (the release's HybridDataset sampling) replaced the per-row task choice, and the
+project's own answer wordings replaced the four that were the release's. Regenerate with
 ``python tests/test_golden_mixture.py --write``.
 """
 

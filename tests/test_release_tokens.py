@@ -249,13 +249,14 @@ def test_release_mode_refuses_to_train_with_another_template(llama):
 
 
 # ------------------------------------------------------------------------------ corrected mode
-# ids and labels of vhp_turns("open fridge") with the tiny tokenizer, from the code before release
-# mode had a tokenisation of its own (corrected mode must not change: the demo and goldens use it)
+# ids and labels of vhp_turns("open fridge") with the tiny tokenizer (corrected mode must not change
+# by accident: the demo and goldens use it). Last change: the project's own answer wording replaced
+# the release's (the prompt, the first 54 ids, is unchanged since release mode got its own tokenisation).
 TINY_CORRECTED_IDS = [
-    1, 35, 568, 684, 324, 680, 641, 399, 372, 675, 685, 413, 16, 433, 413, 686, 688, 14, 691, 14, 399, 677, 687,
-    313, 298, 641, 449, 676, 16, 223, 702, 28, 223, -200, 201, 451, 437, 438, 290, 327, 313, 541, 798, 602, 313,
-    815, 580, 645, 33, 1019, 697, 701, 54, 28, 223, 693, 992, 3, 433, 290, 329, 338, 815, 580, 645, 297, 351, 682,
-    28, 223, 1124, 1124, 1124, 1124, 16, 2]
+    1, 35, 568, 684, 324, 680, 641, 399, 372, 675, 685, 413, 16, 433, 413, 686, 688, 14, 691, 14, 399, 677, 687, 313,
+    298, 641, 449, 676, 16, 223, 702, 28, 223, -200, 201, 451, 437, 438, 290, 327, 313, 541, 798, 602, 313, 815, 580,
+    645, 33, 1019, 697, 701, 54, 28, 223, 53, 785, 16, 223, 700, 815, 580, 645, 14, 298, 408, 327, 432, 318, 339, 28,
+    223, 1124, 1124, 1124, 1124, 16, 2]
 TINY_CORRECTED_PROMPT_LEN = 54  # the prompt's ids are the first 54; labels supervise the rest
 
 

@@ -6,6 +6,7 @@ that reads cross row-group and file boundaries.
 
 from __future__ import annotations
 
+import json
 import threading
 
 import numpy as np
@@ -15,6 +16,7 @@ import pytest
 
 from handsonvlm.config import load_model_config
 from handsonvlm.mixture import DRAW_INDEX, DRAW_TASK, Mixture
+from pipelines import train as train_job
 from preprocessing.training_data import (
     PATH_COLUMN,
     TRAIN_COLUMNS,
@@ -33,11 +35,11 @@ VIDEOS = {"P01_01": 7, "P01_02": 5, "P02_01": 9}  # clips per shard (one shard p
 ROW_GROUP = 3
 
 
-def write_shards(directory, with_questions=lambda i: i % 4 == 0) -> list[dict]:
-    """Shards of VIDEOS under ``directory``; returns every row in file order (sorted shard names)."""
+def write_shards(directory, with_questions=lambda i: i % 4 == 0, videos=VIDEOS) -> list[dict]:
+    """Shards of ``videos`` under ``directory``; returns every row in file order (sorted shard names)."""
     directory.mkdir(parents=True, exist_ok=True)
     rows = []
-    for video, count in sorted(VIDEOS.items()):
+    for video, count in sorted(videos.items()):
         shard = []
         for k in range(count):
             i = len(rows) + len(shard)
@@ -177,3 +179,22 @@ def test_describe_plan_counts_the_run(split, mixture):
         mixture.draw_epoch(plan_pools(plan), 40, 2).counts(20)["rbhp"]
     assert report["pool_sizes"] == {"rbhp": 6, "vhp": 21}
     assert 1.0 <= report["batch_distinct_videos_mean"] <= 2.0
+
+
+def test_dry_run_reports_the_release_share_of_rbhp_under_partial_coverage(tmp_path, capsys):
+    """20 % of the clips have reasoning questions (EPIC: ~19 %): RBHP still gets half of the draws."""
+    videos = {f"P{p:02d}_{v:02d}": 10 for p in range(1, 5) for v in range(1, 6)}  # 200 clips
+    write_shards(tmp_path / "samples" / "train", with_questions=lambda i: i % 5 == 0, videos=videos)
+    argv = ["--config", "tiny", "--data", str(tmp_path), "--set", "model.mode=release", "--dry-run"]
+    assert train_job.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mode"] == "release" and report["pool_sizes"] == {"rbhp": 40, "vhp": 200}
+    assert report["steps_per_epoch"] == 25 and report["total_steps"] == 500 and report["total_samples"] == 4000
+    assert abs(report["task_shares"]["rbhp"] - 0.5) < 0.03
+    assert report["samples_per_source"] == {"epic": 4000}
+    assert report["batch_distinct_videos_mean"] >= 0.75 * report["micro_batch"]
+    # the release's schedule on 8 workers, whatever the data: 378 steps x 40 epochs
+    assert train_job.main(["--config", "vicuna-7b", "--num-workers", "8", "--data", str(tmp_path), "--dry-run"]) == 0
+    release = json.loads(capsys.readouterr().out)
+    assert (release["steps_per_epoch"], release["total_steps"], release["warmup_steps"]) == (378, 15120, 454)
+    assert any("vicuna-7b-v1.3 does not exist" in w for w in release["warnings"])

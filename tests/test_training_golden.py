@@ -4,7 +4,8 @@
 rows from a fixed seed must reproduce these numbers, so a change that reorders RNG draws, model
 or optimizer construction, data order or float ops shows up here in seconds, without Ray or
 DeepSpeed. They change only on purpose, and the commit that changes them says why. Last change: the
-batches are now the mixture's task-first draws over the rows (each with its own conversation).
+batches are now the mixture's task-first draws over the rows (each with its own conversation),
+and the project's answer wordings were rewritten so that none is the release's.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ ACTIONS = [("take cup", "cup", "Where should my hand move to if I want to have a
 
 GOLDEN_TASKS = [["rbhp", "rbhp"], ["vhp", "rbhp"], ["rbhp", "rbhp"], ["rbhp", "vhp"], ["rbhp", "vhp"]]
 GOLDEN_LOSSES = [  # loss, text_loss, traj_loss, kl_loss of each step (before that step's update)
-    (20.93001937866211, 6.980451583862305, 13.937334060668945, 12.234474182128906),
-    (16.83896255493164, 6.919915676116943, 9.906718254089355, 12.32828140258789),
-    (8.923575401306152, 6.734312057495117, 2.1826088428497314, 6.654324531555176),
-    (7.939031600952148, 6.707117080688477, 1.2240216732025146, 7.89298152923584),
-    (9.042631149291992, 6.613637447357178, 2.4158802032470703, 13.113534927368164),
+    (20.972211837768555, 7.0427470207214355, 13.917266845703125, 12.198707580566406),
+    (16.899738311767578, 6.941466808319092, 9.945923805236816, 12.346885681152344),
+    (8.949257850646973, 6.7582316398620605, 2.1843769550323486, 6.649541854858398),
+    (7.97922420501709, 6.7418131828308105, 1.22947096824646, 7.940071105957031),
+    (9.11495590209961, 6.674785137176514, 2.426966667175293, 13.20361614227295),
 ]
-GOLDEN_FIXED_BATCH_LOSS = {"initial": 24.81181526184082, "final": 11.544927597045898}
+GOLDEN_FIXED_BATCH_LOSS = {"initial": 24.85763931274414, "final": 11.675036430358887}
 
 
 def golden_rows(count: int) -> list[dict]:
