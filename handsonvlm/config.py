@@ -29,6 +29,7 @@ from handsonvlm.constants import (
     RELEASE_DECODER_LATENT,
     RELEASE_Z_SCALE,
 )
+from handsonvlm.prompts import TEMPLATES
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 TASK_CHOICES = ("vhp", "rbhp", "both")
@@ -37,7 +38,11 @@ ZERO_STAGES = (2, 3)
 PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCHEDULES = ("cosine", "constant")
 FEATURE_CACHE_MODES = ("auto", "on", "off")
-RELEASE_MAX_NEW_TOKENS = 100  # the release's answer length limit
+RELEASE_MAX_NEW_TOKENS = 100  # the release's answer length limit (handsonvlm_inference.py)
+RELEASE_TOP_K = 50  # HF generate's default top-k, which the release's sampling got on top of top-p
+CORRECTED_MAX_NEW_TOKENS = 64  # four hand tokens and their answer text fit
+CORRECTED_TOP_K = 0  # off: temperature + top-p only
+INFERENCE_DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
 class ConfigSection:
@@ -153,6 +158,11 @@ class ModelConfig(ConfigSection):
     lambda_kl: float = 1e-3
     max_length: int = 2048
     prompt_template: str = "vicuna_v1"
+    # LLaVA's pretrained projector (``llava-pretrain-vicuna-{7b,13b}-v1.3/mm_projector.bin``, keys
+    # ``*mm_projector.weight/bias``) loaded into ``projector`` when the model is built, as the release
+    # initialised it; None: PyTorch's default init. Weights loaded afterwards (a released checkpoint via
+    # ``compat.load_release_weights``, a training checkpoint, an export) replace it. Not kept in exports.
+    projector_init: str | None = None
 
     def __post_init__(self):
         if isinstance(self.lm, dict):
@@ -261,23 +271,47 @@ class DataConfig(ConfigSection):
 
 @dataclass
 class SamplingConfig(ConfigSection):
-    """How answers are sampled, shared by evaluation and prediction."""
+    """How answers are sampled, shared by evaluation and prediction.
+
+    ``top_k``, ``max_new_tokens``, ``dtype`` and ``prompt_template`` left at None/"auto" take the
+    model mode's value: ``handsonvlm.inference.resolve_sampling`` (the one place that decides them,
+    docs/MODEL.md "Inference settings") returns a copy with every field concrete, which is what runs
+    and what is logged."""
 
     num_samples: int = field(default=1, metadata={"help": "K answers per clip, each with its own trajectory"})
     temperature: float = field(default=0.5, metadata={"help": "0 = greedy, deterministic"})
     top_p: float = field(default=0.9, metadata={"help": "nucleus sampling mass"})
     seed: int = field(default=0, metadata={"help": "seeds prompts, token and CVAE sampling (and the question shuffle)"})
-    max_new_tokens: int = field(default=RELEASE_MAX_NEW_TOKENS, metadata={"help": "answer length limit"})
+    max_new_tokens: int | None = field(default=None, metadata={
+        "help": f"answer length limit (None: {RELEASE_MAX_NEW_TOKENS} in release mode, "
+                f"{CORRECTED_MAX_NEW_TOKENS} in corrected mode)"})
+    top_k: int | None = field(default=None, metadata={
+        "help": f"sample among the k most likely tokens, before top-p; 0 = off (None: {RELEASE_TOP_K} in "
+                f"release mode, as HF generate's default, {CORRECTED_TOP_K} in corrected mode)"})
+    dtype: str = field(default="auto", metadata={
+        "choices": INFERENCE_DTYPES,
+        "help": "weights of the LM, projector and decoder at inference (auto: release fp16 on CUDA, corrected "
+                "bf16 on CUDA where supported; fp32 on CPU in both modes)"})
+    prompt_template: str | None = field(default=None, metadata={
+        "choices": tuple(TEMPLATES),
+        "help": "conversation template of the prompts (None: the model's own; release mode: the release "
+                "evaluator's choice by the model directory's name)"})
 
     def __post_init__(self):
         _check_scalar_types(self)
         self.temperature, self.top_p = float(self.temperature), float(self.top_p)
-        if self.num_samples < 1 or self.max_new_tokens < 1:
+        if self.num_samples < 1 or (self.max_new_tokens is not None and self.max_new_tokens < 1):
             raise ValueError("num_samples and max_new_tokens must be >= 1")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        where = self.section or "sampling"
+        _check_choice(where, "dtype", self.dtype, INFERENCE_DTYPES)
+        if self.prompt_template is not None:
+            _check_choice(where, "prompt_template", self.prompt_template, tuple(TEMPLATES))
 
 
 @dataclass
@@ -288,7 +322,6 @@ class EvalConfig(SamplingConfig):
 
     split: str = field(default="validation", metadata={"help": "which samples/<split>/ to evaluate"})
     task: str = field(default="both", metadata={"choices": TASK_CHOICES, "help": "VHP, RBHP or both"})
-    max_new_tokens: int = field(default=64, metadata={"help": "answer length limit (four hand tokens fit)"})
     limit: int | None = field(default=None, metadata={"help": "evaluate the first N clips (sample_id order)"})
     shuffle_questions: bool = field(default=False, metadata={"help": "also ask each clip another clip's question"})
     batch_size: int = field(default=8, metadata={"help": "clips per map_batches call"})

@@ -31,18 +31,34 @@ class GenerationResult:
     complete: torch.Tensor
 
 
-def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
-                      generator: torch.Generator | None) -> torch.Tensor:
-    """logits [N, V] -> token ids [N]: argmax when temperature <= 0, else nucleus sampling."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+def next_token_probs(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0) -> torch.Tensor:
+    """logits [N, V] -> the sampling distribution [N, V] (rows sum to 1) for ``temperature > 0``.
+
+    In the order of HF's warpers (``TemperatureLogitsWarper``, ``TopKLogitsWarper``,
+    ``TopPLogitsWarper``): logits / temperature; ``top_k > 0`` keeps the tokens whose logit is at
+    least the k-th largest of their row (ties at the k-th value are kept, as HF does); then nucleus
+    sampling (``top_p < 1``) on the renormalised rest, keeping the most likely tokens until their
+    mass reaches ``top_p`` (at least one). ``top_k=0`` is off and leaves the computation as it was."""
+    scores = logits.float() / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[..., -1:]  # [N, 1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keeps at least the top token
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs / probs.sum(-1, keepdim=True), 1, generator=generator).squeeze(-1)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
+                      generator: torch.Generator | None, top_k: int = 0) -> torch.Tensor:
+    """logits [N, V] -> token ids [N]: argmax when temperature <= 0, else a draw from
+    :func:`next_token_probs` (temperature, top-k, top-p)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    return torch.multinomial(next_token_probs(logits, temperature, top_p, top_k), 1, generator=generator).squeeze(-1)
 
 
 def select_trajectory(points: torch.Tensor, counts: torch.Tensor, num_points: int, mode: str) -> torch.Tensor:
@@ -65,8 +81,11 @@ def select_trajectory(points: torch.Tensor, counts: torch.Tensor, num_points: in
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, frames=None, frame_means=None,
              frame_grids=None, num_samples: int = 1, max_new_tokens: int = 64, temperature: float = 0.5,
              top_p: float = 0.9, seed: int = 0, z_scale: float | None = None,
-             use_cache: bool = True) -> GenerationResult:
-    """Answer B left-padded prompts [B, L] (each ending with "ASSISTANT:") with K samples each."""
+             use_cache: bool = True, top_k: int = 0) -> GenerationResult:
+    """Answer B left-padded prompts [B, L] (each ending with "ASSISTANT:") with K samples each.
+
+    Sampling: ``temperature``, ``top_k`` (0 = off), ``top_p`` (see :func:`sample_next_token`);
+    the mode-dependent values come from ``handsonvlm.inference.resolve_sampling``."""
     from transformers import DynamicCache
 
     if not bool(attention_mask[:, -1].all()):
@@ -99,7 +118,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, frame
         else:
             out = model.lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
         last = out.last_hidden_state[:, -1]  # [N, D]
-        next_ids = sample_next_token(model.lm.lm_head(last).float(), temperature, top_p, generator)
+        next_ids = sample_next_token(model.lm.lm_head(last).float(), temperature, top_p, generator, top_k)
         next_ids = torch.where(finished, torch.full_like(next_ids, tokens.pad), next_ids)
         is_hand = next_ids == tokens.hand
         new_embeds = embed_tokens(next_ids)[:, None]  # [N, 1, D]

@@ -7,14 +7,24 @@ video decoding): frames come in as the samples stage stores them
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
 import numpy as np
 
-from handsonvlm.config import ModelConfig, SamplingConfig
+from handsonvlm.config import (
+    CORRECTED_MAX_NEW_TOKENS,
+    CORRECTED_TOP_K,
+    RELEASE_MAX_NEW_TOKENS,
+    RELEASE_TOP_K,
+    ModelConfig,
+    SamplingConfig,
+)
 from handsonvlm.constants import EPIC_FRAME_HEIGHT, EPIC_FRAME_WIDTH, FUTURE_STEP_SECONDS, HANDS
+from handsonvlm.prompts import TEMPLATES
 
 JSON_DIGITS = 6  # coordinates and times in the document: 1e-6 of the frame / a microsecond
 TRAINING_ASPECT = EPIC_FRAME_WIDTH / EPIC_FRAME_HEIGHT
@@ -23,6 +33,10 @@ RELEASE_ASPECT_TOLERANCE = 0.01  # relative; within it a frame is drawn at exact
 EVEN_PIXELS = 2  # overlay heights are a multiple of this: video encoders need even frame sizes
 MESSAGE_CHARS = 300  # a loader's message is cut to its first line and this many characters
 EXPORT_HINT = "pass the directory written by pipelines/train.py, e.g. runs/models/<run-name>"
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # SamplingConfig.dtype -> torch
+RELEASE_DEFAULT_TEMPLATE = "llava_v0"  # what the release's evaluator picks for a name without "v1"
+
+log = logging.getLogger(__name__)
 
 
 class ModelLoadError(ValueError):
@@ -50,10 +64,33 @@ def read_model_config(directory: str | Path) -> ModelConfig:
         raise ModelLoadError(f"invalid model config {path}: {exc}") from exc
 
 
-def load_model(directory: str | Path, device: str = "auto"):
-    """``(model in eval mode on its device, device)``; ``device="auto"``: cuda when available, else cpu."""
+def resolve_device(device: str = "auto") -> str:
+    """``"auto"``: cuda when available, else cpu; anything else as given (cpu, cuda, cuda:1, ...)."""
+    if device != "auto":
+        return str(device)
     import torch
 
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def enable_tf32() -> bool:
+    """TF32 matmuls and cuDNN convolutions on CUDA (the release trained and ran with ``--tf32 True``);
+    a no-op without CUDA. True when it was turned on."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
+def load_model(directory: str | Path, device: str = "auto", dtype: str | None = None):
+    """``(model in eval mode on its device, device)``; ``device="auto"``: cuda when available, else cpu.
+
+    ``dtype`` (``"fp32"``/``"fp16"``/``"bf16"``, a resolved ``SamplingConfig.dtype``): the weights
+    the model runs with (:func:`cast_for_inference`); None keeps the export's fp32. On CUDA, TF32 is
+    turned on (:func:`enable_tf32`)."""
     from handsonvlm.model import CONFIG_FILE, WEIGHTS_FILE, HandsOnVLM
 
     directory = check_export(directory, (CONFIG_FILE, WEIGHTS_FILE))
@@ -62,50 +99,205 @@ def load_model(directory: str | Path, device: str = "auto"):
     except (OSError, RuntimeError, ValueError) as exc:
         first = (str(exc).splitlines() or [""])[0][:MESSAGE_CHARS]
         raise ModelLoadError(f"cannot load the model from {directory}: {first}") from exc
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return model.to(device).eval(), device
+    device = resolve_device(device)
+    if device.startswith("cuda"):
+        enable_tf32()
+    model = model.to(device).eval()
+    if dtype is not None:
+        cast_for_inference(model, dtype)
+    return model, device
 
 
-def build_prompt(model, question: str):
+def cast_for_inference(model, dtype: str):
+    """Cast everything but the frozen vision tower to ``dtype`` (``"fp32"``/``"fp16"``/``"bf16"``).
+
+    The tower keeps the config's ``model.vision.dtype`` (fp16 in the 7B/13B presets, as the release
+    ran CLIP); its features are cast to the projector's dtype. The trajectory decoder returns float32
+    whatever its weights' dtype."""
+    import torch
+
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(TORCH_DTYPES)} (resolve 'auto' first), got {dtype!r}")
+    target = getattr(torch, TORCH_DTYPES[dtype])
+    for name, child in model.named_children():
+        if name != "vision":
+            child.to(target)
+    return model
+
+
+# ------------------------------------------------------------------------------- sampling settings
+def model_name_from_path(model_path: str | Path) -> str:
+    """The model name LLaVA's ``get_model_name_from_path`` gives a directory (the release's evaluator
+    uses it): the last path component, or ``<parent>_<checkpoint-N>`` for a ``checkpoint-N`` folder."""
+    parts = str(model_path).strip("/").split("/")
+    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
+        return f"{parts[-2]}_{parts[-1]}"
+    return parts[-1]
+
+
+def release_conversation_template(model_path: str | Path) -> str:
+    """The template the release's ``HandsOnVLMInference`` picks for a model directory when no
+    ``--conv-mode`` is given: ``llava_llama_2`` if the name holds "llama-2", else ``llava_v1`` if it
+    holds "v1", else ``mpt`` if it holds "mpt", else ``llava_v0`` (lower-cased name, in that order).
+    ``handsonvlm-7b`` -> ``llava_v0``; only ``llava_v0`` of these is in ``prompts.TEMPLATES``."""
+    name = model_name_from_path(model_path).lower()
+    if "llama-2" in name:
+        return "llava_llama_2"
+    if "v1" in name:
+        return "llava_v1"
+    if "mpt" in name:
+        return "mpt"
+    return RELEASE_DEFAULT_TEMPLATE
+
+
+def resolve_sampling(sampling: SamplingConfig, model_cfg: ModelConfig, model_path: str | Path | None = None,
+                     device: str = "cpu", bf16_supported: bool | None = None,
+                     notes: list[str] | None = None) -> SamplingConfig:
+    """``sampling`` with its mode-dependent fields made concrete: a copy of the same class (an
+    EvalConfig stays an EvalConfig), which is what runs and what is logged. Given values are kept.
+
+    ==================  ===================================  ==================================
+    field               release mode (``model_cfg.mode``)    corrected mode
+    ==================  ===================================  ==================================
+    ``top_k``           50 (HF generate's default)           0 (off)
+    ``max_new_tokens``  100                                  64
+    ``dtype``           fp16 on CUDA; fp32 on CPU            bf16 on CUDA where supported, else
+                                                             fp32; fp32 on CPU
+    ``prompt_template`` the release evaluator's pick for     the model's own
+                        ``model_path``'s name
+                        (:func:`release_conversation_template`)
+                        when it is in ``prompts.TEMPLATES``,
+                        else (and without ``model_path``)
+                        the model's own
+    ==================  ===================================  ==================================
+
+    fp16 is not chosen on CPU: PyTorch's CPU fp16 matmuls are slow or missing for some ops. An
+    explicit ``dtype`` is kept; ``"bf16"`` on a CUDA device without bf16 is an error.
+    ``bf16_supported``: whether the CUDA device has bf16 (None: ask torch when this process sees a
+    GPU, else assume it does, e.g. a CPU-only Ray driver of GPU actors). What is worth telling the
+    user (a fallback, an assumption) is logged and appended to ``notes`` when given."""
+    told: list[str] = []
+    release = model_cfg.mode == "release"
+    cuda = str(device).startswith("cuda")
+
+    top_k = sampling.top_k if sampling.top_k is not None else (RELEASE_TOP_K if release else CORRECTED_TOP_K)
+    max_new = sampling.max_new_tokens
+    if max_new is None:
+        max_new = RELEASE_MAX_NEW_TOKENS if release else CORRECTED_MAX_NEW_TOKENS
+
+    dtype = sampling.dtype
+    if dtype == "bf16" and cuda and _bf16_on(device, bf16_supported, told) is False:
+        raise ValueError(f"dtype bf16: the CUDA device {device} does not support bf16; use fp16 or fp32")
+    if dtype == "auto":
+        if not cuda:
+            dtype = "fp32"
+            if release:
+                told.append("release mode runs in fp32 on CPU (the release ran in fp16 on a GPU; CPU fp16 is slow)")
+        elif release:
+            dtype = "fp16"
+        else:
+            dtype = "bf16" if _bf16_on(device, bf16_supported, told) else "fp32"
+    elif dtype == "fp16" and not cuda:
+        told.append("dtype fp16 on CPU: slow, and some CPU kernels lack fp16")
+
+    template = sampling.prompt_template
+    if template is None:
+        template = model_cfg.prompt_template
+        if release and model_path is not None:
+            pick = release_conversation_template(model_path)
+            if pick in TEMPLATES:
+                template = pick
+            else:
+                told.append(f"the release's evaluator would use the {pick!r} template for "
+                            f"{model_name_from_path(model_path)!r}; prompts.TEMPLATES has no such template, "
+                            f"so the model's own {template!r} is used")
+
+    for note in told:
+        log.info("sampling: %s", note)
+    if notes is not None:
+        notes.extend(told)
+    return dataclasses.replace(sampling, top_k=top_k, max_new_tokens=max_new, dtype=dtype, prompt_template=template)
+
+
+def _bf16_on(device: str, supported: bool | None, told: list[str]) -> bool:
+    if supported is not None:
+        return supported
+    import torch
+
+    if torch.cuda.is_available():
+        index = torch.device(device).index
+        with torch.cuda.device(index if index is not None else torch.cuda.current_device()):
+            return torch.cuda.is_bf16_supported()
+    told.append("bf16 support of the GPU assumed (no GPU visible to this process); pass a dtype to choose")
+    return True
+
+
+def is_resolved(sampling: SamplingConfig) -> bool:
+    """Whether :func:`resolve_sampling` has made every mode-dependent field concrete."""
+    return (None not in (sampling.top_k, sampling.max_new_tokens, sampling.prompt_template)
+            and sampling.dtype != "auto")
+
+
+def _require_resolved(sampling: SamplingConfig) -> None:
+    if not is_resolved(sampling):
+        raise ValueError("sampling settings are not resolved (top_k, max_new_tokens, dtype or prompt_template "
+                         "unset): pass them through handsonvlm.inference.resolve_sampling first")
+
+
+def prompt_config(model, template: str | None) -> ModelConfig:
+    """The model's config with ``prompt_template`` = ``template`` (None: the model's own)."""
+    if template is None or template == model.cfg.prompt_template:
+        return model.cfg
+    return dataclasses.replace(model.cfg, prompt_template=template)
+
+
+def build_prompt(model, question: str, template: str | None = None):
     """Left-padded ``[1, L]`` ids and mask: the question as one user turn after the image token,
-    as RBHP questions are asked in training (the ``vicuna_v1`` template)."""
+    as RBHP questions are asked in training, in ``template`` (None: the model's own, ``vicuna_v1``)."""
     from handsonvlm.data import encode_conversation, pad_sequences, rbhp_turns
 
-    ids, _ = encode_conversation(model.tokenizer, rbhp_turns(question, model.cfg, with_answer=False), model.cfg)
+    cfg = prompt_config(model, template)
+    ids, _ = encode_conversation(model.tokenizer, rbhp_turns(question, cfg, with_answer=False), cfg)
     return pad_sequences([ids], model.tokens.pad, side="left")
 
 
 def predict(model, frames: np.ndarray, question: str, sampling: SamplingConfig, device: str = "cpu"):
     """Answer ``question`` about one clip -> ``GenerationResult`` (a batch of one, K samples).
 
-    frames: uint8 RGB ``[F, H, W, 3]`` as the shards store them; sampling: K, temperature, top-p,
-    seed, length (a PredictConfig is one)."""
+    frames: uint8 RGB ``[F, H, W, 3]`` as the shards store them; sampling: K, temperature, top-k,
+    top-p, seed, length, template (a PredictConfig is one), resolved by :func:`resolve_sampling`.
+    The dtype is applied where the model is loaded (:func:`load_model`)."""
     from handsonvlm.generation import generate
     from handsonvlm.image import preprocess_frames
 
+    _require_resolved(sampling)
     pixels = preprocess_frames(frames, image_size=model.vision.image_size)
-    input_ids, attention_mask = build_prompt(model, question)
+    input_ids, attention_mask = build_prompt(model, question, sampling.prompt_template)
     return generate(model, input_ids.to(device), attention_mask.to(device), frames=pixels[None].to(device),
                     num_samples=sampling.num_samples, max_new_tokens=sampling.max_new_tokens,
-                    temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed)
+                    temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                    seed=sampling.seed)
 
 
-def answer_jobs(model, jobs: list[dict], num_samples: int, max_new_tokens: int, temperature: float,
-                top_p: float, **visual) -> list[dict]:
+def answer_jobs(model, jobs: list[dict], sampling: SamplingConfig, **visual) -> list[dict]:
     """Answer evaluation ``jobs`` (``evaluation.build_jobs``) in one left-padded call, K samples each,
     seeded by the first job -> one result dict per job (``evaluation.prediction_row``'s input).
 
-    ``visual``: the clips in job order, as ``frames`` [B, F, 3, S, S] or cached ``frame_means`` and
-    ``frame_grids`` (see ``generation.generate``)."""
+    ``sampling``: resolved settings (:func:`resolve_sampling`): K, temperature, top-k, top-p, length
+    and the prompt template; its dtype is applied where the model is loaded (:func:`load_model`), not
+    here (validation runs in the training dtype). ``visual``: the clips in job order, as ``frames``
+    [B, F, 3, S, S] or cached ``frame_means`` and ``frame_grids`` (see ``generation.generate``)."""
     from handsonvlm.data import encode_conversation, pad_sequences
     from handsonvlm.generation import generate
 
+    _require_resolved(sampling)
     device = next(model.parameters()).device
-    ids = [encode_conversation(model.tokenizer, [(job["question"], None)], model.cfg)[0] for job in jobs]
+    cfg = prompt_config(model, sampling.prompt_template)
+    ids = [encode_conversation(model.tokenizer, [(job["question"], None)], cfg)[0] for job in jobs]
     input_ids, mask = pad_sequences(ids, model.tokens.pad, side="left")
-    result = generate(model, input_ids.to(device), mask.to(device), num_samples=num_samples,
-                      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+    result = generate(model, input_ids.to(device), mask.to(device), num_samples=sampling.num_samples,
+                      max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                      top_p=sampling.top_p, top_k=sampling.top_k,
                       seed=int(jobs[0]["seed"]), **{k: v.to(device) for k, v in visual.items()})
     traj = result.trajectories.detach().float().cpu().numpy()
     return [{"answers": list(result.texts[i]), "trajectories": traj[i], "complete": result.complete[i].cpu().numpy(),

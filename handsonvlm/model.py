@@ -68,6 +68,51 @@ def build_vision_tower(cfg: ModelConfig) -> VisionTower:
                            select_layer=cfg.vision.select_layer, dtype=getattr(torch, cfg.vision.dtype))
 
 
+PROJECTOR_KEY_SUFFIXES = ("mm_projector.weight", "mm_projector.bias")  # LLaVA's names, any prefix
+
+
+def load_projector_init(projector: nn.Linear, path: str | Path) -> None:
+    """Initialise ``projector`` (``Linear(C, D)``) from LLaVA's pretrained ``mm_projector.bin``.
+
+    The file is a torch state dict, e.g. ``{"model.mm_projector.weight": [D, C], "model.mm_projector.bias":
+    [D]}`` as LLaVA's pretraining saved it; LLaVA's ``initialize_vision_modules`` takes every key holding
+    ``mm_projector``, here exactly one key must end in each of :data:`PROJECTOR_KEY_SUFFIXES`. Read with
+    ``weights_only=True`` (tensors only, no code); values are cast to the projector's dtype. A missing
+    file, a missing or repeated key or a wrong shape raises with what was expected and what was found."""
+    path = Path(path)
+    where = f"model.projector_init {str(path)!r}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no such file (LLaVA's pretrained projector, e.g. "
+                                "llava-pretrain-vicuna-7b-v1.3/mm_projector.bin)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, or one holding more than tensors
+        first = (str(exc).splitlines() or [""])[0]
+        raise ValueError(f"{where}: cannot read it as a torch state dict of tensors (weights_only=True): "
+                         f"{first}") from exc
+    if not isinstance(state, dict):
+        raise ValueError(f"{where}: holds a {type(state).__name__}, not a state dict")
+    d, c = projector.weight.shape
+    expected = {"weight": (d, c), "bias": (d,)}
+    values = {}
+    for suffix in PROJECTOR_KEY_SUFFIXES:
+        keys = sorted(k for k in state if isinstance(k, str) and k.endswith(suffix))
+        if len(keys) != 1:
+            found = "no key" if not keys else f"{len(keys)} keys {keys}"
+            raise ValueError(f"{where}: {found} ending in {suffix!r}; it has {sorted(map(str, state))[:10]}")
+        name = suffix.rsplit(".", 1)[1]
+        value = state[keys[0]]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != expected[name]:
+            shape = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            want = f"[D, C] = {list(expected[name])}" if name == "weight" else f"[D] = {list(expected[name])}"
+            raise ValueError(f"{where}: {keys[0]} has shape {shape}, expected {want} (D = the LM's hidden size "
+                             f"{d}, C = the vision tower's width {c})")
+        values[name] = value
+    with torch.no_grad():
+        for name, value in values.items():
+            getattr(projector, name).copy_(value.to(getattr(projector, name).dtype))
+
+
 class HandsOnVLM(nn.Module):
     def __init__(self, cfg: ModelConfig, tokenizer=None):
         super().__init__()
@@ -78,6 +123,8 @@ class HandsOnVLM(nn.Module):
         self.vision = build_vision_tower(cfg)
         self.hidden_size = self.lm.config.hidden_size
         self.projector = nn.Linear(self.vision.hidden_size, self.hidden_size)
+        if cfg.projector_init:
+            load_projector_init(self.projector, cfg.projector_init)
         self.traj_decoder = build_traj_decoder(cfg.traj_decoder, self.hidden_size // 2, cfg.decoder_hidden,
                                                cfg.decoder_latent)
 
@@ -205,6 +252,7 @@ class HandsOnVLM(nn.Module):
         # The exported model is self-contained: rebuild both towers from configs, then load weights.
         cfg["lm"].update(pretrained=None, tokenizer=None, config=_llama_kwargs(lm_config))
         cfg["vision"].update(pretrained=None, config=self.vision.config.to_diff_dict())
+        cfg["projector_init"] = None  # its weights are in the export
         (directory / CONFIG_FILE).write_text(json.dumps(cfg, indent=2, sort_keys=True))
         self.tokenizer.save_pretrained(str(directory))
 

@@ -33,8 +33,7 @@ TASKS = (VHP, RBHP)
 LOGGED_METRICS = ("ade", "fde", "coverage", ADE_OVER_BASELINE)
 DURATION_METRIC = f"{PREFIX}/duration_s"  # what one validation costs, logged with its metrics
 NUM_SAMPLES = 1  # greedy decoding gives one answer per prompt
-GREEDY = 0.0  # temperature: argmax tokens (top-p then plays no part)
-MAX_NEW_TOKENS = EvalConfig().max_new_tokens  # the answer budget of evaluation
+GREEDY = 0.0  # temperature: argmax tokens (top-k and top-p then play no part)
 PROMPTS_PER_CALL = 16  # prompts per generation call: one call for the default 8 clips x 2 tasks
 CLIP_CHOICE_STREAM = 7  # seeds the clip choice apart from every other use of train.seed
 # the columns validation reads from a sample shard: prompts, frames, targets and the past track
@@ -60,11 +59,17 @@ class ValidationSet:
     ``rows``: shard rows with :data:`COLUMNS` (nested lists or arrays), ``model_cfg``: the model's
     ``ModelConfig``; ``seed`` picks each clip's prompt (as ``eval.seed`` does)."""
 
-    def __init__(self, rows: Sequence[Mapping], model_cfg, seed: int, max_new_tokens: int = MAX_NEW_TOKENS):
+    def __init__(self, rows: Sequence[Mapping], model_cfg, seed: int, max_new_tokens: int | None = None):
+        from handsonvlm.inference import resolve_sampling
+
         self.clips = {str(r["sample_id"]): {**r, **{k: np.asarray(r[k], t) for k, t in ARRAY_DTYPES.items()}}
                       for r in sorted(rows, key=lambda r: r["sample_id"])}
         self.jobs = evaluation.build_jobs(list(self.clips.values()), model_cfg, TASKS, seed, shuffle=False)
-        self.max_new_tokens = max_new_tokens
+        # evaluation's settings of the model's mode (answer budget, the model's own template), greedy; the
+        # model runs in the training dtype (answer_jobs does not cast)
+        self.sampling = resolve_sampling(EvalConfig(num_samples=NUM_SAMPLES, temperature=GREEDY,
+                                                    max_new_tokens=max_new_tokens), model_cfg)
+        self.max_new_tokens = self.sampling.max_new_tokens
         self.tasks = tuple(t for t in TASKS if any(job["task"] == t for job in self.jobs))
         self.features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # sample_id -> (means, grids)
 
@@ -97,8 +102,7 @@ class ValidationSet:
         for start in range(0, len(self.jobs), PROMPTS_PER_CALL):
             jobs = self.jobs[start:start + PROMPTS_PER_CALL]
             means, grids = (torch.stack([self.features[job["sample_id"]][i] for job in jobs]) for i in range(2))
-            results = answer_jobs(model, jobs, NUM_SAMPLES, self.max_new_tokens, GREEDY, EvalConfig().top_p,
-                                  frame_means=means, frame_grids=grids)
+            results = answer_jobs(model, jobs, self.sampling, frame_means=means, frame_grids=grids)
             rows += [evaluation.prediction_row(job, result, NUM_SAMPLES) for job, result in zip(jobs, results)]
         return evaluation.reconcile(self.jobs, rows, NUM_SAMPLES)
 

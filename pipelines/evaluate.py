@@ -5,7 +5,9 @@
         [... a flag per eval key: --help] [--run-name NAME] [--no-mlflow] [--ray-address ADDR] [--num-cpus N]
 
 Settings: ``handsonvlm.config.EvalConfig`` from the ``eval:`` section of ``--config`` (default: the preset
-the model's exported ``model.name`` names, else ``tiny``), then ``--set``, then the flags. The driver builds
+the model's exported ``model.name`` names, else ``tiny``), then ``--set``, then the flags; what is left unset
+(top-k, length, dtype, prompt template) takes the model mode's value (``handsonvlm.inference.resolve_sampling``,
+docs/MODEL.md "Inference settings"), and those resolved settings run, are printed and logged. The driver builds
 the prompts of the first ``--limit`` clips (``sample_id`` order); an actor pool of ``--replicas``
 :class:`Predictor` (a GPU each when the cluster has GPUs, else a CPU) answers them; the driver scores them
 (``handsonvlm.evaluation``), writes ``metrics.json``, ``predictions.parquet`` and ``gallery/*.png`` to
@@ -34,7 +36,7 @@ from handsonvlm import evaluation
 from handsonvlm.config import EvalConfig, add_section_flags
 from handsonvlm.constants import NUM_FUTURE_POINTS
 from handsonvlm.evaluation import TRAJECTORY_SHAPE
-from handsonvlm.inference import ModelLoadError, check_export, read_model_config
+from handsonvlm.inference import ModelLoadError, check_export, read_model_config, resolve_sampling
 from pipelines import common, tracking
 from preprocessing import layout, storage
 from preprocessing.features import map_batches_without_restarts
@@ -63,13 +65,13 @@ class EvalError(Exception):
 
 def generate_for_jobs(model, jobs: list[dict], frames: list, settings: EvalConfig) -> list[dict]:
     """Answer ``jobs`` (frames[i]: the clip of jobs[i], [F, 3, S, S]) in one left-padded call, K samples
-    each, seeded by the first job -> one result dict per job (see ``evaluation.prediction_row``)."""
+    each, seeded by the first job -> one result dict per job (see ``evaluation.prediction_row``).
+    ``settings``: resolved (``inference.resolve_sampling``), as :func:`run` hands them to the actors."""
     import torch
 
     from handsonvlm.inference import answer_jobs
 
-    return answer_jobs(model, jobs, settings.num_samples, settings.max_new_tokens, settings.temperature,
-                       settings.top_p, frames=torch.stack(frames))
+    return answer_jobs(model, jobs, settings, frames=torch.stack(frames))
 
 
 class Predictor:
@@ -83,7 +85,8 @@ class Predictor:
     def __init__(self, model_dir: str, jobs: dict, settings: EvalConfig, device: str | None = None, generate_fn=None):
         from handsonvlm.inference import load_model
 
-        self.model, _ = load_model(model_dir, device or "auto")
+        # settings: resolved by run() (dtype, top-k, length, template); load_model turns TF32 on on CUDA
+        self.model, _ = load_model(model_dir, device or "auto", dtype=settings.dtype)
         self.settings, self.jobs = settings, jobs  # jobs: sample_id -> [job]
         self.generate_fn = generate_fn or generate_for_jobs
 
@@ -117,6 +120,13 @@ class Predictor:
         return pd.DataFrame(rows, columns=list(evaluation.PREDICTION_FIELDS))  # columns even without rows
 
 
+def cluster_gpus() -> int:
+    """GPUs of the Ray cluster: the actors get one each, else they run on CPUs."""
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
 def predict(jobs: list[dict], where: dict[str, str], model_dir: str, settings: EvalConfig, generate_fn=None):
     """Every job answered by the actor pool: the rows of :class:`Predictor`, in any order."""
     import ray
@@ -124,7 +134,7 @@ def predict(jobs: list[dict], where: dict[str, str], model_dir: str, settings: E
     by_clip: dict[str, list] = {}
     for job in jobs:
         by_clip.setdefault(job["sample_id"], []).append(job)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpus = cluster_gpus()
     replicas = max(1, min(settings.replicas or max(1, gpus), len(by_clip)))
     ray.data.DataContext.get_current().enable_progress_bars = False
     ds = ray.data.read_parquet(sorted({where[s] for s in by_clip})).select_columns(FRAME_COLUMNS)  # shards with jobs
@@ -205,9 +215,13 @@ def run(args: argparse.Namespace, generate_fn=None) -> dict:
     """The whole evaluation (Ray initialised); ``generate_fn`` replaces :func:`generate_for_jobs` (tests)."""
     from handsonvlm.model import CONFIG_FILE, WEIGHTS_FILE
 
-    cfg: EvalConfig = args.eval
     model_dir = str(Path(args.model).absolute())
     model_cfg = read_model_config(check_export(model_dir, (CONFIG_FILE, WEIGHTS_FILE)))  # ModelLoadError: usage
+    # the mode-dependent settings (top-k, length, dtype, template) for the actors' device: what runs and is logged
+    try:
+        cfg: EvalConfig = resolve_sampling(args.eval, model_cfg, model_dir, device="cuda" if cluster_gpus() else "cpu")
+    except ValueError as exc:  # e.g. --dtype bf16 on GPUs without it
+        raise EvalError(str(exc)) from exc
     if model_cfg.num_future_points != NUM_FUTURE_POINTS:
         raise EvalError(f"the model predicts {model_cfg.num_future_points} points; the shards hold {NUM_FUTURE_POINTS}")
     data = layout.data_root(common.absolute_uri(args.data))
@@ -220,8 +234,10 @@ def run(args: argparse.Namespace, generate_fn=None) -> dict:
     K = cfg.num_samples
     run_name = args.run_name or f"eval-{Path(model_dir).name}-{cfg.split}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"[eval] {run_name}: {len(rows)} clips, {len(jobs)} prompts ({', '.join(cfg.tasks)}), K={K}", flush=True)
+    print(f"[eval] {model_cfg.mode} mode: temperature {cfg.temperature}, top-k {cfg.top_k}, top-p {cfg.top_p}, "
+          f"{cfg.max_new_tokens} new tokens, {cfg.dtype}, template {cfg.prompt_template}", flush=True)
     params = {"model": model_dir, "data": data, "model_mode": model_cfg.mode, "config": str(args.config),
-              **{key: str(value) for key, value in cfg.to_dict().items()}}  # the EvalConfig's fields
+              **{key: str(value) for key, value in cfg.to_dict().items()}}  # the resolved EvalConfig's fields
 
     run_id, link, monitor, ok = None, {}, None, False
     if not args.no_mlflow:  # the run starts before inference, so that its system metrics cover it

@@ -2,16 +2,17 @@
 
     python pipelines/predict.py --model runs/models/<name> (--video clip.mp4 | --frames DIR) --question "..."
         [--config PRESET] [--at SECONDS] [--num-samples K] [--temperature 0.5] [--top-p 0.9] [--seed 0]
-        [--max-new-tokens 100] [--draw mean|first] [--device auto|cpu|cuda] [--out overlay.mp4]
-        [--png overlay.png] [--json out.json]
+        [--max-new-tokens N] [--top-k K] [--dtype auto|fp32|fp16|bf16] [--prompt-template T]
+        [--draw mean|first] [--device auto|cpu|cuda] [--out overlay.mp4] [--png overlay.png] [--json out.json]
 
 One machine, no Ray: the export of ``pipelines/train.py`` answers one clip. The settings are a
 ``handsonvlm.config.PredictConfig``: its defaults, then a preset's ``predict:`` section
-(``--config``), then the flags. The observed window (10 frames at 4 fps ending at ``--at``, or the
-last 10 images of ``--frames``) is read by ``preprocessing.media.read_video``/``read_frames_dir``
-and resized like the shards' frames (``model_frames``: 1920x1080 -> 456x256); the model side is
-``handsonvlm.inference``. Details (window, coordinates, drawing): README.md, 'Predicting on your
-own video'.
+(``--config``), then the flags; top-k, length, dtype and prompt template left unset take the model
+mode's value (``inference.resolve_sampling``; the document's ``sampling`` shows what ran). The
+observed window (10 frames at 4 fps ending at ``--at``, or the last 10 images of ``--frames``) is
+read by ``preprocessing.media.read_video``/``read_frames_dir`` and resized like the shards' frames
+(``model_frames``: 1920x1080 -> 456x256); the model side is ``handsonvlm.inference``. Details
+(window, coordinates, drawing): README.md, 'Predicting on your own video'.
 
 Output (stdout): one line per answer (``A[k]``), then the JSON document on the *last* line (also
 written to ``--json FILE``, indented)::
@@ -54,7 +55,13 @@ from preprocessing.media import InputError, Observation, model_frames, read_fram
 SECTION = "predict"  # the preset section (and override prefix) of PredictConfig
 PREDICT_FLAGS = tuple(f.name for f in fields(PredictConfig))  # --num-samples ... --device
 EXIT_ERROR = 2
-USER_ERRORS = (InputError, inference.ModelLoadError, OSError)  # reported as one line, not a traceback
+
+
+class SettingsError(Exception):
+    """Settings that cannot run on this machine (e.g. ``--dtype bf16`` on a GPU without bf16)."""
+
+
+USER_ERRORS = (InputError, inference.ModelLoadError, OSError, SettingsError)  # one line, not a traceback
 
 
 def predict_config(preset: str | None, overrides: list[str]) -> PredictConfig:
@@ -115,17 +122,25 @@ def write_outputs(doc: dict, observation: Observation, pred, args: argparse.Name
 def run(args: argparse.Namespace, cfg: PredictConfig) -> dict:
     args.model = tracking.resolve_model(args.model)  # an MLflow model URI becomes its local download
     # Read and check the input before loading the (possibly large) model.
-    num_frames = inference.read_model_config(args.model).num_obs_frames
+    model_cfg = inference.read_model_config(args.model)
+    num_frames = model_cfg.num_obs_frames
     if args.video:
         observation = read_video(args.video, cfg.at, num_frames)
     else:
         observation = read_frames_dir(args.frames, num_frames)
     h, w = observation.frames.shape[1:3]
-    notes = [*observation.notes, *inference.input_notes(w, h, cfg)]
+    # the model mode's top-k, length, dtype and template for the device it will run on (what the JSON shows)
+    device = inference.resolve_device(cfg.device)
+    resolution_notes: list[str] = []
+    try:
+        cfg = inference.resolve_sampling(cfg, model_cfg, args.model, device, notes=resolution_notes)
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from exc
+    notes = [*observation.notes, *inference.input_notes(w, h, cfg), *resolution_notes]
     warn(notes)
 
     print(f"loading {args.model} ...", file=sys.stderr)
-    model, device = inference.load_model(args.model, cfg.device)
+    model, device = inference.load_model(args.model, device, dtype=cfg.dtype)
     question = args.question.strip()
     result = inference.predict(model, model_frames(observation.frames), question, cfg, device)
 

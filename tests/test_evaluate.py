@@ -40,11 +40,20 @@ def test_flags_override_the_preset_and_set(tmp_path):
                                 "--set", "eval.batch_size=2", "--seed", "5", "--task", "vhp", "--shuffle-questions"])
     assert args.config == "tiny" and args.eval.tasks == ("vhp",)
     assert (args.eval.seed, args.eval.batch_size, args.eval.shuffle_questions) == (5, 2, True)  # flags win over --set
-    assert (args.eval.num_samples, args.eval.max_new_tokens, args.eval.limit) == (1, 64, None)  # the preset's eval:
+    assert (args.eval.num_samples, args.eval.max_new_tokens, args.eval.limit) == (1, None, None)  # the preset's eval:
+    assert (args.eval.top_k, args.eval.dtype, args.eval.prompt_template) == (None, "auto", None)  # mode-dependent
+
+
+def test_sampling_flags_reach_the_settings(tmp_path):
+    args = evaluate.parse_args(["--model", _exported(tmp_path / "m", "tiny"), "--data", "d", "--top-k", "7",
+                                "--dtype", "fp32", "--prompt-template", "llava_v0", "--max-new-tokens", "20"])
+    assert (args.eval.top_k, args.eval.dtype, args.eval.prompt_template, args.eval.max_new_tokens) == \
+        (7, "fp32", "llava_v0", 20)
 
 
 @pytest.mark.parametrize("bad", [["--temperature", "-1"], ["--top-p", "0"], ["--limit", "0"], ["--config", "nope"],
-                                 ["--set", "eval.unknown=1"], ["--set", "model.mode=release"]])
+                                 ["--set", "eval.unknown=1"], ["--set", "model.mode=release"], ["--top-k", "-1"],
+                                 ["--dtype", "fp8"], ["--prompt-template", "chatml"]])
 def test_bad_settings_are_usage_errors(bad, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate.parse_args(["--model", "m", "--data", "d", *bad])
@@ -91,6 +100,8 @@ def test_evaluation_job(synth_data, model_dir, tmp_path, monkeypatch):
     assert run.info.status == "FINISHED"
     assert params["num_samples"] == "2" and params["limit"] == str(LIMIT) and params["task"] == "both"
     assert params["config"] == "tiny" and params["max_new_tokens"] == "16" and params["shuffle_questions"] == "True"
+    # the resolved settings (corrected mode on CPU) are what is logged, not the dataclass's None/auto
+    assert (params["top_k"], params["dtype"], params["prompt_template"]) == ("0", "fp32", "vicuna_v1")
     for key in ("vhp/ade", "vhp/fde", "vhp/wde", "vhp/min_ade", "vhp/complete_only/ade", "vhp/coverage",
                 "vhp/shuffled/coverage", "vhp/shuffled/ade", "rbhp/n_clips", "rbhp/coverage"):
         assert key in m, key

@@ -273,3 +273,94 @@ def test_missing_real_weights_fail_clearly_without_network():
     cfg = load_model_config("vicuna-7b", ["model.lm.pretrained=/nonexistent/vicuna"])
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         HandsOnVLM(cfg)
+
+
+# ------------------------------------------------------------------ projector init (LLaVA's mm_projector.bin)
+def write_projector(path, weight_shape=(64, 32), bias_shape=(64,), prefix="model.", seed=0, **extra):
+    """A state dict as LLaVA's pretraining saved mm_projector.bin (``model.mm_projector.*``)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {f"{prefix}mm_projector.weight": torch.randn(*weight_shape, generator=g),
+             f"{prefix}mm_projector.bias": torch.randn(*bias_shape, generator=g), **extra}
+    torch.save(state, path)
+    return state
+
+
+def test_projector_init_loads_llava_mm_projector(tmp_path):
+    path = tmp_path / "mm_projector.bin"
+    state = write_projector(path)
+    plain = make_model(seed=5)
+    init = make_model(seed=5, projector_init=str(path))
+    assert init.projector.weight.shape == (64, 32)  # [D, C] of the tiny preset
+    torch.testing.assert_close(init.projector.weight, state["model.mm_projector.weight"], rtol=0, atol=0)
+    torch.testing.assert_close(init.projector.bias, state["model.mm_projector.bias"], rtol=0, atol=0)
+    assert not torch.equal(plain.projector.weight, init.projector.weight)
+    # everything else is built exactly as without it (the load draws no random numbers)
+    others = {k: v for k, v in plain.state_dict().items() if not k.startswith("projector.")}
+    for key, value in init.state_dict().items():
+        if not key.startswith("projector."):
+            assert torch.equal(value, others[key]), key
+    # an fp16 file and a bare "mm_projector.*" prefix load too (cast to the projector's dtype)
+    half = {k: v.half() for k, v in write_projector(tmp_path / "half.bin", prefix="", seed=1).items()}
+    torch.save(half, tmp_path / "half.bin")
+    loaded = make_model(projector_init=str(tmp_path / "half.bin"))
+    assert loaded.projector.weight.dtype == torch.float32
+    torch.testing.assert_close(loaded.projector.weight, half["mm_projector.weight"].float(), rtol=0, atol=0)
+
+
+def test_projector_init_is_off_by_default_and_not_kept_in_exports(tmp_path):
+    assert ModelConfig().projector_init is None and load_model_config("vicuna-7b").projector_init is None
+    torch.testing.assert_close(make_model(seed=2).state_dict(), make_model(seed=2).state_dict(), rtol=0, atol=0)
+    path = tmp_path / "mm_projector.bin"
+    write_projector(path)
+    model = make_model(projector_init=str(path))
+    model.save_pretrained(tmp_path / "export")
+    path.unlink()  # the export holds the weights; the file is not needed to load it
+    loaded = HandsOnVLM.from_pretrained(tmp_path / "export")
+    assert loaded.cfg.projector_init is None
+    torch.testing.assert_close(loaded.projector.weight, model.projector.weight, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("case", "error", "message"), [
+    ("missing_file", FileNotFoundError, "no such file"),
+    ("no_bias", ValueError, "no key ending in 'mm_projector.bias'"),
+    ("two_weights", ValueError, "2 keys"),
+    ("weight_7b", ValueError, r"model.mm_projector.weight has shape \[4096, 1024\], expected \[D, C\] = \[64, 32\]"),
+    ("weight_transposed", ValueError, r"has shape \[32, 64\], expected \[D, C\] = \[64, 32\]"),
+    ("bias_shape", ValueError, r"model.mm_projector.bias has shape \[32\], expected \[D\] = \[64\]"),
+    ("not_a_state_dict", ValueError, "not a state dict"),
+    ("pickled_object", ValueError, "cannot read it as a torch state dict"),
+])
+def test_projector_init_errors_are_clear(tmp_path, case, error, message):
+    path = tmp_path / "mm_projector.bin"
+    if case == "no_bias":
+        torch.save({"model.mm_projector.weight": torch.zeros(64, 32)}, path)
+    elif case == "two_weights":
+        write_projector(path, **{"mm_projector.weight": torch.zeros(64, 32)})
+    elif case == "weight_7b":
+        write_projector(path, weight_shape=(4096, 1024), bias_shape=(4096,))
+    elif case == "weight_transposed":
+        write_projector(path, weight_shape=(32, 64))
+    elif case == "bias_shape":
+        write_projector(path, bias_shape=(32,))
+    elif case == "not_a_state_dict":
+        torch.save([torch.zeros(64, 32)], path)
+    elif case == "pickled_object":
+        torch.save({"model.mm_projector.weight": torch.zeros(64, 32), "cfg": ModelConfig()}, path)
+    with pytest.raises(error, match=message) as info:
+        make_model(projector_init=str(path))
+    assert "model.projector_init" in str(info.value)
+
+
+def test_released_checkpoint_overrides_projector_init(tmp_path):
+    """Loading HandsOnVLM-7B/13B's full checkpoint replaces the LLaVA projector (documented precedence)."""
+    from safetensors.torch import save_file
+
+    from handsonvlm.compat import load_release_weights, ours_to_release
+
+    source = make_model("release", seed=3)
+    released = ours_to_release({k: v for k, v in source.state_dict().items() if not k.startswith("vision.")})
+    save_file({k: v.contiguous() for k, v in released.items()}, str(tmp_path / "model.safetensors"))
+    write_projector(tmp_path / "mm_projector.bin")
+    target = make_model("release", seed=4, projector_init=str(tmp_path / "mm_projector.bin"))
+    load_release_weights(target, tmp_path)
+    torch.testing.assert_close(target.projector.weight, source.projector.weight, rtol=0, atol=0)

@@ -74,6 +74,9 @@ def test_video_prediction_writes_json_mp4_and_png(setup, capsys, tmp_path):
     assert doc["complete"] == [True] and "<hand_traj>" in doc["answers"][0], doc["answers"]
     assert np.isfinite(np.asarray(doc["trajectories"], dtype=np.float64)).all()
     assert doc["drawn"] == {"mode": "mean", "samples": [0]}
+    # the corrected mode's resolved settings are what ran and what the document shows
+    assert {k: doc["sampling"][k] for k in ("top_k", "max_new_tokens", "dtype", "prompt_template", "mode")} == \
+        {"top_k": 0, "max_new_tokens": 64, "dtype": "fp32", "prompt_template": "vicuna_v1", "mode": "corrected"}
     # Frames nearest to 0.25, 0.5, ..., 2.5 s of a 30 fps video.
     np.testing.assert_allclose(doc["observed_frame_times_s"], np.arange(1, 11) * 0.25, atol=1 / 60 + 1e-6)
     assert doc["source"]["at_s"] == 2.5 and doc["source"]["frame_indices"][-1] == 75
@@ -212,8 +215,37 @@ def test_settings_come_from_defaults_preset_and_flags(tmp_path, capsys):
     assert (cfg.num_samples, cfg.temperature, cfg.draw, cfg.at, cfg.device) == (3, 0.0, "first", 1.5, "cpu")
     for flags, message in ((["--temperature", "-1"], "temperature must be >= 0"),
                            (["--top-p", "0"], "top_p must be in (0, 1]"),
+                           (["--top-k", "-2"], "top_k must be >= 0"),
+                           (["--dtype", "fp8"], "invalid choice"),
                            (["--num-samples", "0"], "must be >= 1"),
                            (["--config", "no-such-preset"], "no preset")):
         with pytest.raises(SystemExit) as exc:
             parse_args([*base, *flags])
         assert exc.value.code == 2 and message in capsys.readouterr().err, flags
+
+
+def test_release_mode_export_gets_the_release_settings(setup, capsys, tmp_path):
+    """The same weights exported as a release-mode model in a directory named like the released one:
+    top-k 50, 100 new tokens, the llava_v0 template (the release evaluator's rule), fp32 on CPU."""
+    import shutil
+
+    from handsonvlm.model import CONFIG_FILE
+
+    _, model_dir, video = setup
+    released = tmp_path / "handsonvlm-7b"
+    shutil.copytree(model_dir, released)
+    cfg = json.loads((released / CONFIG_FILE).read_text())
+    (released / CONFIG_FILE).write_text(json.dumps({**cfg, "mode": "release"}))
+    code, stdout, stderr = run_cli(capsys, ["--model", str(released), "--video", str(video), "--question", QUESTION,
+                                            "--temperature", "0", "--device", "cpu"])
+    assert code == 0, stderr
+    doc = json.loads(stdout.strip().splitlines()[-1])
+    assert {k: doc["sampling"][k] for k in ("top_k", "max_new_tokens", "dtype", "prompt_template", "mode")} == \
+        {"top_k": 50, "max_new_tokens": 100, "dtype": "fp32", "prompt_template": "llava_v0", "mode": "release"}
+    assert any("fp32 on CPU" in n for n in doc["notes"]) and "fp32 on CPU" in stderr
+    code, stdout, stderr = run_cli(capsys, ["--model", str(released), "--video", str(video), "--question", QUESTION,
+                                            "--temperature", "0", "--prompt-template", "vicuna_v1", "--top-k", "0",
+                                            "--max-new-tokens", "40"])
+    assert code == 0, stderr
+    sampling = json.loads(stdout.strip().splitlines()[-1])["sampling"]
+    assert (sampling["top_k"], sampling["max_new_tokens"], sampling["prompt_template"]) == (0, 40, "vicuna_v1")
