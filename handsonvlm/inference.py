@@ -139,7 +139,7 @@ def release_conversation_template(model_path: str | Path) -> str:
     """The template the release's ``HandsOnVLMInference`` picks for a model directory when no
     ``--conv-mode`` is given: ``llava_llama_2`` if the name holds "llama-2", else ``llava_v1`` if it
     holds "v1", else ``mpt`` if it holds "mpt", else ``llava_v0`` (lower-cased name, in that order).
-    ``handsonvlm-7b`` -> ``llava_v0``; only ``llava_v0`` of these is in ``prompts.TEMPLATES``."""
+    ``handsonvlm-7b`` -> ``llava_v0``; ``llava_v0`` and ``llava_v1`` are in ``prompts.TEMPLATES``."""
     name = model_name_from_path(model_path).lower()
     if "llama-2" in name:
         return "llava_llama_2"

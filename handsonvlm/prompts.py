@@ -1,9 +1,11 @@
 """Conversation templates and HandsOnVLM's question/answer templates.
 
 The release trains with the ``vicuna_v1`` template (its ``--version vicuna-v1-3-7b`` is not a key of
-LLaVA's templates, so training falls back to it) and evaluates with ``llava_v0`` unless a
-``--conv-mode`` is given: a mismatch. Both modes here use ``vicuna_v1`` everywhere; ``llava_v0`` is
-kept to reproduce the release's evaluator on request (docs/MODEL.md).
+LLaVA's templates, so training falls back to it) and its evaluator picks ``llava_v0`` (or
+``llava_v1`` for a directory name with "v1") unless a ``--conv-mode`` is given: a mismatch.
+Training uses ``vicuna_v1`` in both modes; evaluation and prediction use the model's own template
+in corrected mode and the release evaluator's rule in release mode
+(``handsonvlm.inference.resolve_sampling``, docs/MODEL.md).
 
 The question/answer tuples below are the project's own wordings; :mod:`handsonvlm.templates`
 gathers them into ``PROJECT_TEMPLATES`` (a validated ``TemplateSet``), which is what conversation
@@ -64,12 +66,14 @@ def _message_text(role: str, message: str | None, separator: str) -> str:
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                "The assistant gives helpful, detailed, and polite answers to the human's questions.")
 TEMPLATES = {
     "vicuna_v1": Template(VICUNA_SYSTEM, "USER", "ASSISTANT", " ", "</s>"),
-    # LLaVA's v0 template, which the released evaluator picked by mistake for "handsonvlm-7b".
-    "llava_v0": Template("A chat between a curious human and an artificial intelligence assistant. "
-                         "The assistant gives helpful, detailed, and polite answers to the human's questions.",
-                         "Human", "Assistant", "###", "###"),
+    # LLaVA's v0 template, which the released evaluator picks for "handsonvlm-7b" (no "v1" in the name).
+    "llava_v0": Template(LLAVA_SYSTEM, "Human", "Assistant", "###", "###"),
+    # LLaVA's v1 template, which the released evaluator picks for a directory name containing "v1".
+    "llava_v1": Template(LLAVA_SYSTEM, "USER", "ASSISTANT", " ", "</s>"),
 }
 
 # VHP: the question names the action (positional "{}": see the module docstring).

@@ -113,10 +113,11 @@ def dry_run(config: dict) -> dict:
     except TemplatesFileMissing as exc:
         report["templates"] = None
         warnings.append(str(exc))
-    for part in ("lm", "vision"):
-        path = model[part].get("pretrained")
+    weights = {f"model.{part}.pretrained": model[part].get("pretrained") for part in ("lm", "vision")}
+    weights["model.projector_init"] = model.get("projector_init")
+    for key, path in weights.items():
         if path and not Path(path).exists():
-            warnings.append(f"model.{part}.pretrained {path} does not exist here (the run needs it on every worker)")
+            warnings.append(f"{key} {path} does not exist here (the run needs it on every worker)")
     report["warnings"] = warnings
     return report
 

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from handsonvlm.config import CONFIG_DIR, ModelConfig, TrainConfig
+from handsonvlm.inference import enable_tf32
 from handsonvlm.templates import TemplateSet
 from handsonvlm.training import (
     LOSS_PARTS,
@@ -169,6 +170,7 @@ class TrainRecipe:
         bf16 = train.precision == "bf16" or (train.precision == "auto" and self.use_cuda
                                              and torch.cuda.is_bf16_supported())
         resolve_attn_implementation(self.model_cfg, self.use_cuda)
+        enable_tf32()  # the release trains with --tf32 True; a no-op without CUDA
         self.parts = build_training(train, self.model_cfg, self.planned_steps, TemplateSet(**self.config["templates"]))
         ds_config = deepspeed_config(train.zero_stage, train.micro_batch_size, train.gradient_accumulation_steps,
                                      self.world, bf16, train.max_grad_norm)

@@ -61,11 +61,13 @@ def test_release_mode_defaults():
     assert resolve_sampling(EvalConfig(), RELEASE, None, "cpu").prompt_template == "vicuna_v1"
 
 
-def test_release_mode_v1_name_falls_back_to_the_models_template_with_a_note():
+def test_release_mode_v1_name_gets_llava_v1_and_unknown_picks_fall_back_with_a_note():
+    resolved = resolve_sampling(PredictConfig(), RELEASE, "runs/models/handsonvlm-7b-v1.3", "cpu")
+    assert resolved.prompt_template == "llava_v1"
     notes: list[str] = []
-    resolved = resolve_sampling(PredictConfig(), RELEASE, "runs/models/handsonvlm-7b-v1.3", "cpu", notes=notes)
-    assert resolved.prompt_template == "vicuna_v1"
-    assert any("'llava_v1'" in n and "no such template" in n for n in notes)
+    resolved = resolve_sampling(PredictConfig(), RELEASE, "runs/models/handsonvlm-llama-2-7b", "cpu", notes=notes)
+    assert resolved.prompt_template == "vicuna_v1"  # llava_llama_2 is not in prompts.TEMPLATES
+    assert any("'llava_llama_2'" in n and "no such template" in n for n in notes)
 
 
 def test_given_values_are_kept():
