@@ -57,6 +57,7 @@ RANK_STATE = "rank_{rank}_state.pt"
 CKPT_TAG = "ckpt"
 FAULT_STEP_ENV = "HANDSONVLM_FAULT_KILL_AT_STEP"
 FAULT_MARKER_ENV = "HANDSONVLM_FAULT_MARKER"
+FAULT_POLL_WAIT_S = 1.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
 RANK_SEED_STRIDE = 1000  # rank r's CVAE noise is seeded seed * stride + r: one stream per rank and seed
 CPU = torch.device("cpu")  # where the DrawStream prepares batches
 MIN_WINDOW_S = 1e-9  # a log window's duration floor: the first window may end within the clock's resolution
@@ -123,6 +124,11 @@ class KillOnceAfterStep:
                 f.write(f"rank {recipe.rank} pid {os.getpid()} killed after step {step}\n")
         except FileExistsError:
             return
+        # Ray Train's controller collects reports when it polls the workers (every
+        # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, 2 s by default): a worker that dies sooner after a report loses
+        # it, and the restart resumes from the checkpoint before. The hook tests resuming from the LAST one,
+        # so it lets one poll pass first (docs/RELIABILITY.md).
+        time.sleep(FAULT_POLL_WAIT_S)
         print(f"[train] fault hook: rank {recipe.rank} (pid {os.getpid()}) kills itself after step {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
@@ -227,8 +233,9 @@ class TrainRecipe:
         self.engine.train()
         if p.step >= self.total_steps:
             return
-        stream = DrawStream(self.plan, self.parts.mixture, self.rank, self.store, self.batch, p.epoch,
-                            p.micro_in_epoch)
+        self.stream = stream = DrawStream(self.plan, self.parts.mixture, self.rank, self.store, self.batch, p.epoch,
+                                          p.micro_in_epoch)
+        self.window_wait_s, self.window_steps = 0.0, 0
         try:
             for epoch, micro, batch in stream:
                 out = self.train_step(self.to_device(batch), epoch)
@@ -237,6 +244,7 @@ class TrainRecipe:
                 if (micro + 1) % self.micro_per_step:
                     continue  # accumulating gradients
                 p.step += 1
+                self.window_steps += 1
                 if p.step % train.log_every == 0 or p.step == self.total_steps:
                     self.log(out, epoch)
                 if p.step % train.checkpoint_every == 0 or p.step == self.total_steps:
@@ -269,13 +277,17 @@ class TrainRecipe:
         now = time.perf_counter()
         rate = self.window_samples / max(now - self.window_start, MIN_WINDOW_S)
         self.window_samples, self.window_start = 0, now
+        # mean wait per optimizer step for its batches: what the input pipeline cost the step in this window
+        data_wait = (self.stream.waited_s - self.window_wait_s) / max(1, self.window_steps)
+        self.window_wait_s, self.window_steps = self.stream.waited_s, 0
         step = self.progress.step
         # everything since the end of the first step: epoch boundaries, checkpoints, validation included
         since_first = self.progress.samples - self.start_samples - self.world * self.train_cfg.micro_batch_size
         end_to_end = since_first / max(now - self.first_step_time, MIN_WINDOW_S)
         self.last_metrics = {**{f"train/{k}": v for k, v in zip(LOSS_PARTS, losses)},
                              "train/lr": self.parts.scheduler.get_last_lr()[0], "train/samples_per_s": rate,
-                             "train/samples_per_s_end_to_end": end_to_end, "train/epoch": epoch}
+                             "train/samples_per_s_end_to_end": end_to_end, "train/data_wait_s": data_wait,
+                             "train/epoch": epoch}
         self.logger.log(self.last_metrics, step)
         if self.rank == 0:
             eta = (self.total_steps - step) * (now - self.start_time) / max(1, step - self.start_step)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -196,6 +197,7 @@ class DrawStream:
         self.plan, self.mixture, self.rank, self.store, self.prepare = plan, mixture, rank, store, prepare
         self.position = (int(epoch), int(micro))
         self.pools = plan_pools(plan)
+        self.waited_s = 0.0  # the consumer's total wait for prepared batches (the input pipeline's stall)
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, ahead))
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._fill, name=f"draw-stream-rank{rank}", daemon=True)
@@ -226,7 +228,9 @@ class DrawStream:
 
     def __iter__(self) -> Iterator[tuple[int, int, Any]]:
         while True:
+            start = time.perf_counter()
             epoch, micro, prepared = self.queue.get()
+            self.waited_s += time.perf_counter() - start
             if epoch is self._END:
                 raise RuntimeError(f"rank {self.rank}: preparing training batches failed: {micro!r}") from micro
             yield epoch, micro, prepared

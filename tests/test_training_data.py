@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -161,8 +162,13 @@ def test_draw_stream_raises_errors_of_its_thread_and_stops(split, mixture):
         next(iter(stream))
     assert isinstance(info.value.__cause__, ValueError)
     stream.close()
-    live = DrawStream(plan, mixture, 0, RowStore(plan, 0), prepared, ahead=1)
+    def slow(rows, epoch):
+        time.sleep(0.05)
+        return prepared(rows, epoch)
+
+    live = DrawStream(plan, mixture, 0, RowStore(plan, 0), slow, ahead=1)
     next(iter(live))
+    assert live.waited_s >= 0.04  # the consumer waited for the first batch, and it is on record
     live.close()
     assert not live.thread.is_alive()
     assert not [t for t in threading.enumerate() if t.name.startswith("draw-stream") and t.is_alive()]
