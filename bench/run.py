@@ -55,15 +55,18 @@ METHOD = """
   (`mixture.vhp_eval_turns` + `eval_rng`) of the first clips of the train shards.
   `generate(use_cache=False)` one clip at a time vs `generate(use_cache=True)` on left-padded
   batches. Identity: generated ids equal token for token.
-* **Training.** Tiny preset, SynthKitchens train split. Ray side: `pipelines.train.launch` (2 workers,
-  ZeRO-2, gloo, 0.5 CPU each as in `configs/tiny.yaml`, Ray Data reads at 0.25 CPU), MLflow into a
-  private sqlite store; the loop's own `train/samples_per_s` (logged every `log_every` steps over
-  those steps, reads included) is read back and the windows that include warm-up steps are dropped.
-  Plain side: `bench/train_bench.py:plain_loop`, one process with `torch.set_num_threads(2)`, batch =
-  2 x micro-batch (the Ray job's global batch), the same constructor, AdamW, LR schedule, clipping,
-  `handsonvlm.training.rows_to_batch` / `FeatureLookup`, shards read with pyarrow; timed per step
-  (including reading) and grouped into the same windows. Feature cache: the features stage
-  (`preprocessing.features.run_features_stage`, float32) then both loops with `feature_cache=on`.
+* **Training.** Tiny preset, SynthKitchens train split, both sides over several epochs (an epoch =
+  one log window of draws) with a checkpoint every other window. Ray side: `pipelines.train.launch`
+  (2 workers, ZeRO-2, gloo, 0.5 CPU each as in `configs/tiny.yaml`, each rank's DrawStream preparing
+  batches in a background thread, validation of 8 clips at each checkpoint), MLflow into a private
+  sqlite store; its `train/samples_per_s_end_to_end` at the last step (every sample after the first
+  step over the wall time since it) is the headline rate, and its `train/samples_per_s` windows
+  after the warm-up give the steady rate. Plain side: `bench/train_bench.py:plain_loop`, one
+  process with `torch.set_num_threads(2)`, batch = 2 x micro-batch (the Ray job's global batch), the
+  same constructor, AdamW, LR schedule, clipping, `handsonvlm.training.rows_to_batch` /
+  `FeatureLookup` and the same DrawStream, a `torch.save` checkpoint at the same steps; timed the
+  same two ways. Feature cache: the features stage (`preprocessing.features.run_features_stage`,
+  float32) then both loops with `feature_cache=on`.
 * **Profiles.** For a missed target, cProfile of one call of the side that should be fast (the
   driver, for Ray runs) is printed: top functions by cumulative time.
 """
@@ -120,7 +123,7 @@ def scaling_section(samples_dir: Path) -> dict:
     from bench.scaling import MFU, mean_text_tokens, project_recipe, validate_on_tiny
     from bench.train_bench import read_rows
     from handsonvlm.config import load_model_config
-    from handsonvlm.mixture import Mixture
+    from handsonvlm.mixture import Mixture, drawn_rows
     from handsonvlm.model import HandsOnVLM
     from handsonvlm.prompts import TEMPLATES
     from handsonvlm.training import rows_to_batch
@@ -129,7 +132,9 @@ def scaling_section(samples_dir: Path) -> dict:
     model = HandsOnVLM(load_model_config("tiny"))
     mixture = Mixture.from_config({}, model_cfg=model.cfg)
     rows = read_rows([str(p) for p in sorted(samples_dir.glob("*.parquet"))])
-    batch, _ = rows_to_batch(rows[:2], model, mixture, 0, torch.device("cpu"))
+    draws = mixture.draw_epoch(mixture.pools(rows), 2, 0)
+    batch, _ = rows_to_batch(drawn_rows([rows[r] for r in draws.rows.tolist()], draws, range(len(draws))),
+                             model, mixture, 0, torch.device("cpu"))
     big_cfg = load_model_config("vicuna-7b")
     template = TEMPLATES[big_cfg.prompt_template]
     conversations = ["".join(text for text, _ in template.render(turns))
