@@ -24,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -301,12 +302,20 @@ class TrainRecipe:
         p = self.progress
         val = validate_in_training(self.engine, self.validation, self.device)
         self.logger.log({"eval/fixed_batch_loss": loss, **val}, p.step)
-        with tempfile.TemporaryDirectory() as directory:
-            save_checkpoint(self.engine, directory, self.rank, p, self.generator)
-            dist.barrier()
-            report = {**{k.replace("/", "_"): v for k, v in {**self.last_metrics, **val}.items()}, "step": p.step,
-                      "epoch": p.epoch, "fixed_batch_loss": loss}
-            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        # The upload to the run's storage is asynchronous: training goes on once the local save is done.
+        # Ray deletes the directory after the upload, so it must outlive this call (not a TemporaryDirectory,
+        # which an async upload finds gone: docs/RELIABILITY.md).
+        directory = tempfile.mkdtemp(prefix=f"ckpt-{p.step}-rank{self.rank}-")
+        start = time.perf_counter()
+        save_checkpoint(self.engine, directory, self.rank, p, self.generator)
+        dist.barrier()
+        saved_s = time.perf_counter() - start
+        size = sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
+        self.logger.log({"checkpoint/save_s": saved_s, "checkpoint/rank0_bytes": size}, p.step)
+        report = {**{k.replace("/", "_"): v for k, v in {**self.last_metrics, **val}.items()}, "step": p.step,
+                  "epoch": p.epoch, "fixed_batch_loss": loss}
+        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
 
     def export(self) -> None:
         """Gather the (possibly ZeRO-3-partitioned) weights and save the plain model from rank 0."""
