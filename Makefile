@@ -23,11 +23,12 @@ DEMO_CHECKPOINTS ?= runs/ray_results
 
 setup: $(STAMP)
 
+# PYTHONWARNINGS=ignore on the editable install: setuptools warns about it every time, 8 lines of noise
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	PYTHONWARNINGS=ignore $(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # ruff (pinned in requirements.txt, configured in pyproject.toml); `make test` runs it first

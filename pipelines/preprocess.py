@@ -146,7 +146,9 @@ def main(argv=None) -> int:
                                                 args.feature_actors, args.feature_gpus, args.feature_rows_per_call,
                                                 progress=not args.no_progress)
         print(f"features: {layout.feature_root(args.out, feature_key(args.model_cfg))}")
-    print(json.dumps(report, indent=2, sort_keys=True))
+    for stage, counts in report.items():  # one line per stage and split: the whole document is the manifest
+        for split, split_counts in (counts.items() if isinstance(counts, dict) else [("", counts)]):
+            print(f"{stage} {split}: {json.dumps(split_counts, sort_keys=True)}")
     print(f"manifest: {layout.manifest_path(args.out)}")
     problems = empty_output_warnings(report, args.out)
     for line in problems:
