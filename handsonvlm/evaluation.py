@@ -25,11 +25,15 @@ from handsonvlm.metrics import trajectory_metrics
 log = logging.getLogger(__name__)
 
 VHP, RBHP = "vhp", "rbhp"
-VARIANTS = ("question", "shuffled")  # the clip's own question; another clip's (does the model read it?)
-QUESTION, SHUFFLED = VARIANTS
+# the clip's own question; another clip's (does the model read it?); its own question with another
+# clip's frames (does the model look at them?)
+VARIANTS = ("question", "shuffled", "shuffled_frames")
+QUESTION, SHUFFLED, SHUFFLED_FRAMES = VARIANTS
+SHUFFLE_STREAMS = {SHUFFLED: "shuffle", SHUFFLED_FRAMES: "shuffle_frames"}  # seeds each variant's derangement
 GROUNDING_BASELINE = "constant_velocity"  # the baseline a learned model is compared with
 ADE_OVER_BASELINE = f"ade_over_{GROUNDING_BASELINE}"  # the two learning ratios (learning_ratios)
 SHUFFLED_OVER_TRUE = "shuffled_over_true_ade"
+SHUFFLED_FRAMES_OVER_TRUE = "shuffled_frames_over_true_ade"
 NO_COMPLETE_SAMPLE = "no complete sample"  # the error note of a clip whose K samples all lack hand tokens
 NO_PREDICTION = "no prediction returned"  # the error note of a job the pipeline lost
 SEED_BITS = 62  # per-clip generation seeds stay well inside a signed int64 (parquet, torch)
@@ -49,6 +53,20 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
     return perm
 
 
+def shuffle_permutation(n: int, seed: int, task: str, variant: str = SHUFFLED) -> np.ndarray:
+    """The derangement of a task's n clips for a shuffled ``variant``: clip i gets clip perm[i]'s
+    question (``shuffled``) or frames (``shuffled_frames``). Seeded by ``seed``, the task and the
+    variant, so the two shuffles are independent of each other."""
+    from handsonvlm.mixture import stable_hash  # torch: see build_jobs
+
+    return derangement(n, np.random.default_rng([seed, stable_hash(f"{SHUFFLE_STREAMS[variant]}#{task}")]))
+
+
+def frames_source(job: Mapping) -> str:
+    """The clip whose frames a job is answered with (``frames_from``; default: its own clip)."""
+    return job.get("frames_from") or job["sample_id"]
+
+
 def _user_question(turns) -> str:
     return turns[-1][0]
 
@@ -57,15 +75,20 @@ def _has_narration(row: Mapping) -> bool:
     return isinstance(row.get("narration"), str) and bool(row["narration"].strip())
 
 
-def build_jobs(rows: Sequence[Mapping], cfg, tasks: Sequence[str], seed: int, shuffle: bool) -> list[dict]:
-    """One job per (clip, task, variant): the prompt's question and the clip's generation seed.
+def build_jobs(rows: Sequence[Mapping], cfg, tasks: Sequence[str], seed: int, shuffle: bool,
+               shuffle_frames: bool = False) -> list[dict]:
+    """One job per (clip, task, variant): the prompt's question, the clip whose frames it sees
+    (``frames_from``) and the clip's generation seed.
 
     ``rows``: clips in evaluation order (``sample_id``, ``narration``, ``rbhp_questions``); ``cfg``:
     the model's ``ModelConfig``. Per task: the clips that can be asked it, then (``shuffle``) the
-    same clips asked another clip's question via a derangement seeded by ``seed`` and the task."""
+    same clips asked another clip's question, then (``shuffle_frames``) the same clips asked their
+    own question (same seed) over another clip's frames, each via a derangement seeded by ``seed``,
+    the task and the variant (:func:`shuffle_permutation`). Every answer is scored against the
+    clip's own GT."""
     # The prompt templates live with the training mixture (torch): imported here, so that the
     # metric functions of this module need numpy only.
-    from handsonvlm.mixture import eval_rng, has_rbhp, rbhp_eval_turns, stable_hash, vhp_eval_turns
+    from handsonvlm.mixture import eval_rng, has_rbhp, rbhp_eval_turns, vhp_eval_turns
 
     asks = {VHP: (_has_narration, vhp_eval_turns), RBHP: (has_rbhp, rbhp_eval_turns)}
     jobs = []
@@ -77,21 +100,25 @@ def build_jobs(rows: Sequence[Mapping], cfg, tasks: Sequence[str], seed: int, sh
             turns = make(row, cfg, rng)
             own.append({"sample_id": row["sample_id"], "task": task, "variant": QUESTION,
                         "question": _user_question(turns), "question_from": row["sample_id"],
-                        "seed": int(rng.integers(1 << SEED_BITS))})
+                        "frames_from": row["sample_id"], "seed": int(rng.integers(1 << SEED_BITS))})
         jobs += own
-        if shuffle and len(own) >= 2:
-            perm = derangement(len(own), np.random.default_rng([seed, stable_hash(f"shuffle#{task}")]))
+        for variant, wanted, what in ((SHUFFLED, shuffle, "questions"), (SHUFFLED_FRAMES, shuffle_frames, "frames")):
+            if not wanted:
+                continue
+            if len(own) < 2:
+                log.warning("%s: %d clip(s): no derangement possible, shuffled %s skipped", task, len(own), what)
+                continue
+            perm = shuffle_permutation(len(own), seed, task, variant)
             for i, job in enumerate(own):
                 other = own[int(perm[i])]
-                jobs.append({**job, "variant": SHUFFLED, "question": other["question"],
-                             "question_from": other["sample_id"]})
-        elif shuffle:
-            log.warning("%s: %d clip(s): no derangement possible, shuffled questions skipped", task, len(own))
+                swap = ({"question": other["question"], "question_from": other["sample_id"]} if variant == SHUFFLED
+                        else {"frames_from": other["sample_id"]})
+                jobs.append({**job, "variant": variant, **swap})
     return jobs
 
 
 # ---------------------------------------------------------------------------------------- rows
-JOB_FIELDS = ("sample_id", "task", "variant", "question", "question_from", "seed")  # copied into its row
+JOB_FIELDS = ("sample_id", "task", "variant", "question", "question_from", "frames_from", "seed")  # copied into its row
 PREDICTION_FIELDS = (*JOB_FIELDS, "answers", "trajectories", "complete", "hand_counts", "error")
 
 
@@ -106,7 +133,8 @@ def prediction_row(job: Mapping, result: Mapping, num_samples: int) -> dict:
     and ``error`` ("" when fine). ``result``: the generation's ``answers``, ``trajectories``
     [K, 2, T, 2], ``complete``, ``hand_counts``, or only an ``error`` (then every point is NaN)."""
     traj = result.get("trajectories")
-    return {**{key: job[key] for key in JOB_FIELDS}, "seed": int(job["seed"]),
+    return {**{key: frames_source(job) if key == "frames_from" else job[key] for key in JOB_FIELDS},
+            "seed": int(job["seed"]),
             "answers": json.dumps(list(result.get("answers", []))),
             "trajectories": (np.full(num_samples * math.prod(TRAJECTORY_SHAPE), np.nan) if traj is None
                              else np.asarray(traj, np.float64).reshape(-1)).tolist(),
@@ -162,7 +190,7 @@ def prediction_table(preds: Sequence[Mapping], clips: Mapping[str, Mapping], num
         scores = trajectory_metrics(fill_missing(pred[None], clip["future_hands"][None]),
                                     clip["future_hands"][None, :, 1:], clip["future_valid"][None])
         for key in JOB_FIELDS:
-            columns[key].append(int(p[key]) if key == "seed" else p[key])
+            columns[key].append(int(p[key]) if key == "seed" else frames_source(p) if key == "frames_from" else p[key])
         columns["answers"].append(json.loads(p["answers"]))
         columns["trajectories"].append(np.where(np.isfinite(pred), pred, None).tolist())
         columns["n_complete"].append(int(np.sum(p["complete"])))
@@ -268,9 +296,11 @@ def variant_metrics(answers: Answers, clips: Clips) -> dict:
     return out
 
 
-def task_metrics(task: str, clips: Clips | None, answers: Answers | None, shuffled: Answers | None = None) -> dict:
+def task_metrics(task: str, clips: Clips | None, answers: Answers | None, shuffled: Answers | None = None,
+                 shuffled_frames: Answers | None = None) -> dict:
     """``<task>/*`` metrics: the answers to the clips' own questions, the baselines on the same
-    clips, the answers to shuffled questions (row n: clip n asked another clip's question) and the
+    clips, the answers to shuffled questions (row n: clip n asked another clip's question), the
+    answers over shuffled frames (row n: clip n's own question over another clip's frames) and the
     learning ratios. No clip (``answers`` None): ``n_clips`` = ``n_failed`` = 0 only."""
     if answers is None or not len(answers.trajectories):
         return {f"{task}/n_clips": 0.0, f"{task}/n_failed": 0.0}
@@ -278,18 +308,20 @@ def task_metrics(task: str, clips: Clips | None, answers: Answers | None, shuffl
     for name, pred in run_baselines(clips.future_hands, clips.past_hands, clips.past_hands_valid).items():
         out.update({f"{task}/baseline_{name}/{k}": v
                     for k, v in trajectory_metrics(pred, clips.gt, clips.future_valid).items()})
-    if shuffled is not None:
-        out.update({f"{task}/{SHUFFLED}/{k}": v for k, v in variant_metrics(shuffled, clips).items()
-                    if not k.startswith("complete_only/")})
+    for variant, given in ((SHUFFLED, shuffled), (SHUFFLED_FRAMES, shuffled_frames)):
+        if given is not None:
+            out.update({f"{task}/{variant}/{k}": v for k, v in variant_metrics(given, clips).items()
+                        if not k.startswith("complete_only/")})
     out.update(learning_ratios(out, task))
     return out
 
 
 def learning_ratios(metrics: dict, task: str) -> dict:
-    """The two numbers that say whether a model learned the task (both ADE ratios):
-    ``<task>/ade_over_constant_velocity`` (below 1: it beats extrapolating the observed motion) and
+    """The numbers that say whether a model learned the task (all ADE ratios):
+    ``<task>/ade_over_constant_velocity`` (below 1: it beats extrapolating the observed motion),
     ``<task>/shuffled_over_true_ade`` (above 1: another clip's question makes it worse, i.e. it
-    reads the question). Absent when an input is missing or not positive."""
+    reads the question) and ``<task>/shuffled_frames_over_true_ade`` (above 1: another clip's frames
+    make it worse, i.e. it looks at the frames). Absent when an input is missing or not positive."""
     def ratio(num_key: str, den_key: str) -> float | None:
         num, den = metrics.get(f"{task}/{num_key}"), metrics.get(f"{task}/{den_key}")
         if num is None or den is None or not (math.isfinite(num) and math.isfinite(den)) or den <= 0:
@@ -297,7 +329,8 @@ def learning_ratios(metrics: dict, task: str) -> dict:
         return num / den
 
     ratios = {ADE_OVER_BASELINE: ratio("ade", f"baseline_{GROUNDING_BASELINE}/ade"),
-              SHUFFLED_OVER_TRUE: ratio(f"{SHUFFLED}/ade", "ade")}
+              SHUFFLED_OVER_TRUE: ratio(f"{SHUFFLED}/ade", "ade"),
+              SHUFFLED_FRAMES_OVER_TRUE: ratio(f"{SHUFFLED_FRAMES}/ade", "ade")}
     return {f"{task}/{k}": v for k, v in ratios.items() if v is not None}
 
 
@@ -309,11 +342,12 @@ def metrics_from_rows(preds: Sequence[Mapping], clips: Mapping[str, Mapping], nu
     for task in tasks:
         rows = {v: [p for p in preds if p["task"] == task and p["variant"] == v] for v in VARIANTS}
         ids = [p["sample_id"] for p in rows[QUESTION]]
-        if rows[SHUFFLED] and [p["sample_id"] for p in rows[SHUFFLED]] != ids:
-            raise ValueError(f"{task}: the shuffled answers are not in the order of the clips' own")
+        for variant in (SHUFFLED, SHUFFLED_FRAMES):
+            if rows[variant] and [p["sample_id"] for p in rows[variant]] != ids:
+                raise ValueError(f"{task}: the {variant} answers are not in the order of the clips' own")
         arrays = {v: Answers.from_rows(r, num_samples) if r else None for v, r in rows.items()}
         clip_arrays = Clips.from_rows([clips[i] for i in ids]) if ids else None
-        out.update(task_metrics(task, clip_arrays, arrays[QUESTION], arrays[SHUFFLED]))
+        out.update(task_metrics(task, clip_arrays, arrays[QUESTION], arrays[SHUFFLED], arrays[SHUFFLED_FRAMES]))
     return out
 
 
@@ -338,9 +372,14 @@ def _fmt_ratio(value) -> str:
 
 def summary_table(metrics: dict, tasks: Sequence[str], baselines: Sequence[str] = tuple(BASELINES)) -> str:
     """The printed table: one row per task (counts, ADE/FDE/WDE, baseline ADEs, shuffled ADE,
-    coverage, the two learning ratios; "-" where a ratio or the shuffled variant is absent)."""
+    coverage, the learning ratios; "-" where a ratio or the shuffled variant is absent). The
+    shuffled-frames columns (``shuffled frames ade`` beside ``shuffled ade``, ``shuffled_frames /
+    true`` beside ``shuffled / true``) are there only when some task has that variant
+    (``--shuffle-frames``), so the table of a run without it is unchanged."""
+    frames = any(f"{task}/{SHUFFLED_FRAMES}/ade" in metrics for task in tasks)
     header = ["task", "n_clips", "failed", "ade", "fde", "wde"] + [f"{b} ade" for b in baselines] + \
-             ["shuffled ade", "coverage", "ade / cv", "shuffled / true"]
+             ["shuffled ade"] + (["shuffled frames ade"] if frames else []) + \
+             ["coverage", "ade / cv", "shuffled / true"] + (["shuffled_frames / true"] if frames else [])
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for task in tasks:
         def m(key: str, task: str = task):
@@ -351,7 +390,9 @@ def summary_table(metrics: dict, tasks: Sequence[str], baselines: Sequence[str] 
 
         cells = [task, str(int(m("n_clips") or 0)), str(int(m("n_failed") or 0)), _fmt(m("ade")), _fmt(m("fde")),
                  _fmt(m("wde"))] + [_fmt(m(f"baseline_{b}/ade")) for b in baselines] + \
-                [optional(f"{SHUFFLED}/ade"), _fmt(m("coverage")),
-                 optional(ADE_OVER_BASELINE, _fmt_ratio), optional(SHUFFLED_OVER_TRUE, _fmt_ratio)]
+                [optional(f"{SHUFFLED}/ade")] + ([optional(f"{SHUFFLED_FRAMES}/ade")] if frames else []) + \
+                [_fmt(m("coverage")), optional(ADE_OVER_BASELINE, _fmt_ratio),
+                 optional(SHUFFLED_OVER_TRUE, _fmt_ratio)] + \
+                ([optional(SHUFFLED_FRAMES_OVER_TRUE, _fmt_ratio)] if frames else [])
         lines.append(" | ".join(cells))
     return "\n".join(lines)

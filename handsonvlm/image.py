@@ -11,6 +11,10 @@ processor), so only x in about [100, 356] px of the original is visible: normali
 stay in full-frame coordinates (x/456, y/256) as in the release, so a target can lie outside what
 the vision tower sees.
 
+Other towers take the same CLIP-normalised pixels: EfficientNet-Lite0 maps them to its own
+(v - 127) / 128 with ``renormalize`` (``LITE_MEAN``/``LITE_STD``), so every tower sees the same
+resize and crop.
+
 Agreement with transformers' PIL ``CLIPImageProcessor``: within one grey level on natural images
 (PIL resamples in fixed point, one axis at a time, so pixel noise can differ more).
 """
@@ -27,6 +31,10 @@ import torch.nn.functional as F
 CLIP_IMAGE_SIZE = 224
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# EfficientNet-Lite's own normalisation, (v - 127) / 128 on 0..255 values (the official TF
+# EfficientNet-Lite preprocessing, MEAN_RGB = 127, STDDEV_RGB = 128), as mean/std on [0, 1] values
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
 PIXEL_MAX = 255.0
 RGB_CHANNELS = 3
 
@@ -80,3 +88,18 @@ def preprocess_frames(frames_rgb: np.ndarray, image_size: int = CLIP_IMAGE_SIZE,
     mean_t = torch.tensor(mean, dtype=torch.float32).view(1, RGB_CHANNELS, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(1, RGB_CHANNELS, 1, 1)
     return ((x / PIXEL_MAX - mean_t) / std_t).contiguous()
+
+
+def renormalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                from_mean: Sequence[float] = CLIP_MEAN, from_std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+    """Pixel values [..., 3, H, W] normalised with ``from_mean``/``from_std`` (the project's pixel
+    format, what :func:`preprocess_frames` returns by default) -> the same pixels normalised with
+    ``mean``/``std``: one per-channel affine map, in the dtype of ``pixels``.
+
+    A tower with its own normalisation (EfficientNet-Lite) applies it to the CLIP pixel values that
+    every caller makes, so that resizing, cropping and the feature cache stay one code path."""
+    shape = (RGB_CHANNELS, 1, 1)
+    to_mean, to_std, mean0, std0 = (torch.tensor(v, dtype=torch.float64).view(shape)
+                                    for v in (mean, std, from_mean, from_std))
+    scale, shift = std0 / to_std, (mean0 - to_mean) / to_std  # x * std0 + mean0 = y * to_std + to_mean
+    return pixels * scale.to(pixels) + shift.to(pixels)

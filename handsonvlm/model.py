@@ -61,11 +61,13 @@ def _build_lm(cfg: ModelConfig, tokenizer):
 
 
 def build_vision_tower(cfg: ModelConfig) -> VisionTower:
-    """The frozen tower; a randomly initialised one is seeded so that every process builds the same."""
+    """The frozen tower of ``model.vision.kind`` (``handsonvlm.vision.build_tower``: CLIP, or EfficientNet-Lite0
+    with the same interface); a randomly initialised one is seeded so that every process builds the same."""
+    from handsonvlm.vision import build_tower
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.vision.init_seed)
-        return VisionTower(config=cfg.vision.config, pretrained=cfg.vision.pretrained,
-                           select_layer=cfg.vision.select_layer, dtype=getattr(torch, cfg.vision.dtype))
+        return build_tower(cfg.vision)
 
 
 PROJECTOR_KEY_SUFFIXES = ("mm_projector.weight", "mm_projector.bias")  # LLaVA's names, any prefix

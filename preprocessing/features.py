@@ -13,8 +13,11 @@ Output layout under ``OUT`` (documented in docs/DATA.md, "Feature cache")::
     _state/features/<key>/<split>/<shard_id>.json      done markers (fingerprint + counts)
     manifest.json                                      section "features"
 
-``<key>`` = :func:`feature_key`, a hash of the vision part of the model config (``cfg.vision`` +
-``spatial_pool`` + :data:`FEATURE_VERSION`), so caches of different towers never mix.
+``<key>`` = :func:`feature_key`, a hash of the vision part of the model config (``cfg.vision``, its
+``kind`` included, + ``spatial_pool`` + :data:`FEATURE_VERSION`), so caches of different towers
+never mix. The tower comes from ``handsonvlm.model.build_vision_tower`` (CLIP or EfficientNet-Lite0
+by ``model.vision.kind``); both take the same CLIP-normalised 224/S px frames, so decoding and
+preprocessing here are the same for every kind.
 
 Row contract: a feature shard holds the rows of its sample shard, IN THE SAME ORDER, minus the
 rows quarantined here (undecodable frames). Each row carries ``sample_id`` and ``sample_row`` (its
@@ -71,8 +74,15 @@ FEATURES_TABLE = b"handtraj_features"
 # key, paths, schema
 
 def vision_spec(cfg) -> dict:
-    """The part of a ``ModelConfig`` that determines the cached features (what the key hashes)."""
-    return {"vision": asdict(cfg.vision), "spatial_pool": int(cfg.spatial_pool), "feature_version": FEATURE_VERSION}
+    """The part of a ``ModelConfig`` that determines the cached features (what the key hashes).
+
+    ``vision.kind`` (the tower: ``clip`` or ``efficientnet_lite0``) is part of it, so the caches of
+    two towers never mix; the default ``clip`` is left out, so that the keys of CLIP caches written
+    before the field existed (same computation) stay valid."""
+    vision = asdict(cfg.vision)
+    if vision.get("kind") == "clip":
+        del vision["kind"]
+    return {"vision": vision, "spatial_pool": int(cfg.spatial_pool), "feature_version": FEATURE_VERSION}
 
 
 def feature_key(cfg) -> str:
@@ -433,7 +443,8 @@ def map_batches_without_restarts(ds, fn, **kwargs):
 def _write_vision_config(out: str, cfg, key: str, dtype: str, dims: dict | None) -> dict:
     doc = {"key": key, **vision_spec(cfg), "stored_dtype": dtype,
            "computation": "decode obs_jpeg -> handsonvlm.image.preprocess_frames(image_size) -> "
-                          "handsonvlm.model.build_vision_tower(cfg) -> handsonvlm.vision.pool_frames(spatial_pool)"}
+                          f"handsonvlm.model.build_vision_tower(cfg) ({cfg.vision.kind} tower) -> "
+                          "handsonvlm.vision.pool_frames(spatial_pool)"}
     if dims:
         doc["dims"] = dims
     storage.write_json_atomic(storage.join(feature_root(out, key), VISION_CONFIG_FILE), doc)

@@ -40,6 +40,9 @@ def test_flags_override_the_preset_and_set(tmp_path):
                                 "--set", "eval.batch_size=2", "--seed", "5", "--task", "vhp", "--shuffle-questions"])
     assert args.config == "tiny" and args.eval.tasks == ("vhp",)
     assert (args.eval.seed, args.eval.batch_size, args.eval.shuffle_questions) == (5, 2, True)  # flags win over --set
+    assert args.eval.shuffle_frames is False
+    assert evaluate.parse_args(["--model", _exported(tmp_path / "m", "tiny"), "--data", "d",
+                                "--shuffle-frames"]).eval.shuffle_frames is True
     assert (args.eval.num_samples, args.eval.max_new_tokens, args.eval.limit) == (1, None, None)  # the preset's eval:
     assert (args.eval.top_k, args.eval.dtype, args.eval.prompt_template) == (None, "auto", None)  # mode-dependent
 
@@ -90,7 +93,8 @@ def test_evaluation_job(synth_data, model_dir, tmp_path, monkeypatch):
         return evaluate.generate_for_jobs(model, jobs, frames, settings)
 
     rc = evaluate.main(["--model", str(model_dir), "--data", str(synth_data), "--split", "train", "--task", "both",
-                        "--num-samples", "2", "--shuffle-questions", "--limit", str(LIMIT), "--max-new-tokens", "16",
+                        "--num-samples", "2", "--shuffle-questions", "--shuffle-frames", "--limit", str(LIMIT),
+                        "--max-new-tokens", "16",
                         "--batch-size", "4", "--run-name", "eval-test", "--gallery", "3"], generate_fn=flaky)
     assert rc == 0
 
@@ -100,10 +104,13 @@ def test_evaluation_job(synth_data, model_dir, tmp_path, monkeypatch):
     assert run.info.status == "FINISHED"
     assert params["num_samples"] == "2" and params["limit"] == str(LIMIT) and params["task"] == "both"
     assert params["config"] == "tiny" and params["max_new_tokens"] == "16" and params["shuffle_questions"] == "True"
+    assert params["shuffle_frames"] == "True"
     # the resolved settings (corrected mode on CPU) are what is logged, not the dataclass's None/auto
     assert (params["top_k"], params["dtype"], params["prompt_template"]) == ("0", "fp32", "vicuna_v1")
     for key in ("vhp/ade", "vhp/fde", "vhp/wde", "vhp/min_ade", "vhp/complete_only/ade", "vhp/coverage",
-                "vhp/shuffled/coverage", "vhp/shuffled/ade", "rbhp/n_clips", "rbhp/coverage"):
+                "vhp/shuffled/coverage", "vhp/shuffled/ade", "rbhp/n_clips", "rbhp/coverage",
+                "vhp/shuffled_frames/ade", "vhp/shuffled_frames/coverage", "vhp/shuffled_frames/n_clips",
+                "rbhp/shuffled_frames/ade"):
         assert key in m, key
     assert m["vhp/n_clips"] == LIMIT
     assert 1 <= m["rbhp/n_clips"] <= LIMIT
@@ -115,19 +122,30 @@ def test_evaluation_job(synth_data, model_dir, tmp_path, monkeypatch):
     assert m["vhp/n_failed"] >= 1 and m["vhp/n_errors"] >= 1 and m["vhp/shuffled/n_failed"] >= 1
     assert m["vhp/ade_over_constant_velocity"] == pytest.approx(m["vhp/ade"] / m["vhp/baseline_constant_velocity/ade"])
     assert m["vhp/shuffled_over_true_ade"] == pytest.approx(m["vhp/shuffled/ade"] / m["vhp/ade"])
+    assert m["vhp/shuffled_frames/n_clips"] == LIMIT and m["vhp/shuffled_frames/n_failed"] >= 1
+    assert m["vhp/shuffled_frames_over_true_ade"] == pytest.approx(m["vhp/shuffled_frames/ade"] / m["vhp/ade"])
 
     out_dir = synth_data / "eval" / "eval-test"
     summary = json.loads((out_dir / "metrics.json").read_text())
     assert summary["mlflow_run_id"] == run.info.run_id and "vhp/coverage" in summary["metrics"]
+    assert "vhp/shuffled_frames_over_true_ade" in summary["metrics"]
 
     table = pq.read_table(out_dir / "predictions.parquet")
     preds = table.to_pylist()
     for task, n in (("vhp", LIMIT), ("rbhp", int(m["rbhp/n_clips"]))):
-        for variant in ("question", "shuffled"):
+        for variant in ("question", "shuffled", "shuffled_frames"):
             mine = [p for p in preds if p["task"] == task and p["variant"] == variant]
             assert len(mine) == n and len({p["sample_id"] for p in mine}) == n
     shuffled = [p for p in preds if p["variant"] == "shuffled"]
-    assert all(p["question_from"] != p["sample_id"] for p in shuffled)
+    assert all(p["question_from"] != p["sample_id"] and p["frames_from"] == p["sample_id"] for p in shuffled)
+    # --shuffle-frames: the clip's own question over another clip's frames (a derangement per task)
+    for task in ("vhp", "rbhp"):
+        frames = [p for p in preds if p["task"] == task and p["variant"] == "shuffled_frames"]
+        own = {p["sample_id"]: p for p in preds if p["task"] == task and p["variant"] == "question"}
+        assert all(p["frames_from"] != p["sample_id"] and p["question_from"] == p["sample_id"] for p in frames)
+        assert sorted(p["frames_from"] for p in frames) == sorted(own)
+        assert all((p["question"], p["seed"]) == (own[p["sample_id"]]["question"], own[p["sample_id"]]["seed"])
+                   for p in frames)
     failed = [p for p in preds if p["sample_id"] == bad]
     assert failed and all("injected failure" in p["error"] for p in failed)
     ok = [p for p in preds if p["sample_id"] != bad]

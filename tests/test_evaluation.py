@@ -93,6 +93,30 @@ def test_golden_evaluation_on_arrays():
     assert evaluation.task_metrics("rbhp", None, None) == {"rbhp/n_clips": 0.0, "rbhp/n_failed": 0.0}
 
 
+def test_shuffled_frames_add_their_keys_and_leave_the_golden_values_alone():
+    """--shuffle-frames adds <task>/shuffled_frames/* and the ratio; every golden key keeps its value."""
+    clips, answers = golden_inputs()
+    rng = np.random.default_rng(1)
+    frames = {"trajectories": rng.random((N, K, 2, T, 2)), "complete": np.ones((N, K), bool), "errors": [""] * N}
+    frames["trajectories"][7] = np.nan  # clip 7: generation raised over another clip's frames
+    frames["complete"][7] = False
+    frames["errors"][7] = "RuntimeError: boom"
+    preds, clip_rows = as_rows(clips, {**answers, ("vhp", "shuffled_frames"): frames})
+    metrics = evaluation.metrics_from_rows(preds, clip_rows, K, ("vhp", "rbhp"))
+    new = sorted(set(metrics) - set(GOLDEN_METRICS))
+    assert set(GOLDEN_METRICS) <= set(metrics)
+    assert {k: metrics[k] for k in GOLDEN_METRICS} == pytest.approx(GOLDEN_METRICS, **TOLERANCE)
+    expected = {"vhp/shuffled_frames/" + k.removeprefix("vhp/shuffled/") for k in GOLDEN_METRICS
+                if k.startswith("vhp/shuffled/")}  # the same keys as the shuffled questions'
+    assert new == sorted(expected | {"vhp/shuffled_frames_over_true_ade"})
+    arrays = Answers(frames["trajectories"], frames["complete"], evaluation.generation_errors(frames["errors"]))
+    alone = evaluation.variant_metrics(arrays, Clips(**clips))
+    assert metrics["vhp/shuffled_frames/ade"] == pytest.approx(alone["ade"], **TOLERANCE)
+    assert metrics["vhp/shuffled_frames/n_errors"] == 1 and metrics["vhp/shuffled_frames/n_clips"] == N
+    assert metrics["vhp/shuffled_frames_over_true_ade"] == pytest.approx(alone["ade"] / metrics["vhp/ade"])
+    assert not any(k.startswith("rbhp/shuffled_frames") for k in metrics)  # RBHP was not shuffled
+
+
 def test_first_derangement_is_pinned():
     """The first shuffle of seed 0 over 10 clips: changes only on purpose (it decides which question
     each clip is asked under --shuffle-questions)."""
@@ -171,14 +195,33 @@ def test_learning_ratios_and_table():
                    "vhp/shuffled_over_true_ade": pytest.approx(2.5)}
     assert evaluation.learning_ratios(metrics, "rbhp") == {}
     table = evaluation.summary_table({**metrics, **vhp}, ("vhp", "rbhp"), ["constant_velocity"]).splitlines()
-    assert table[0].endswith("ade / cv | shuffled / true")
+    assert table[0].endswith("ade / cv | shuffled / true")  # no shuffled-frames columns without that variant
+    assert "frames" not in table[0] and len(table[2].split(" | ")) == len(table[0].split(" | "))
     assert table[2].endswith("0.60x | 2.50x") and table[3].endswith("- | -")
+
+    # --shuffle-frames: the ratio beside shuffled / true, the variant's ADE beside the shuffled ADE
+    metrics["vhp/shuffled_frames/ade"] = 0.09
+    vhp = evaluation.learning_ratios(metrics, "vhp")
+    assert vhp["vhp/shuffled_frames_over_true_ade"] == pytest.approx(1.5) and len(vhp) == 3
+    table = evaluation.summary_table({**metrics, **vhp}, ("vhp", "rbhp"), ["constant_velocity"]).splitlines()
+    header = table[0].split(" | ")
+    assert header[-6:] == ["shuffled ade", "shuffled frames ade", "coverage", "ade / cv", "shuffled / true",
+                           "shuffled_frames / true"]
+    assert table[2].split(" | ")[-6:] == ["0.1500", "0.0900", "1.0000", "0.60x", "2.50x", "1.50x"]
+    assert table[3].split(" | ")[-6:] == ["-", "-", "nan", "-", "-", "-"]
 
 
 # ---------------------------------------------------------------------------------------- rows
 def _job(sample_id: str, variant: str = "question", task: str = "vhp") -> dict:
     return {"sample_id": sample_id, "task": task, "variant": variant, "question": f"q {sample_id}",
             "question_from": sample_id, "seed": 7}
+
+
+def test_prediction_rows_name_the_clip_whose_frames_were_seen():
+    row = evaluation.prediction_row(_job("a"), {"error": "x"}, K)  # a job without frames_from: its own clip's
+    assert row["frames_from"] == "a" and tuple(row) == evaluation.PREDICTION_FIELDS
+    row = evaluation.prediction_row({**_job("a", "shuffled_frames"), "frames_from": "b"}, {"error": "x"}, K)
+    assert (row["frames_from"], row["question_from"], row["variant"]) == ("b", "a", "shuffled_frames")
 
 
 def test_reconcile_keeps_job_order_and_counts_every_failure():
@@ -198,12 +241,14 @@ def test_reconcile_keeps_job_order_and_counts_every_failure():
     assert len(rows[2]["trajectories"]) == K * 2 * T * 2 and rows[3]["answers"] == '["x", "x", "x"]'
 
 
-def test_metrics_from_rows_needs_shuffled_rows_in_clip_order():
+@pytest.mark.parametrize("variant", ["shuffled", "shuffled_frames"])
+def test_metrics_from_rows_needs_shuffled_rows_in_clip_order(variant):
     clips, answers = golden_inputs()
+    answers[("vhp", "shuffled_frames")] = answers[("vhp", "shuffled")]
     preds, clip_rows = as_rows(clips, answers)
-    shuffled = [p for p in preds if p["variant"] == "shuffled"]
-    preds = [p for p in preds if p["variant"] != "shuffled"] + shuffled[::-1]
-    with pytest.raises(ValueError, match="order"):
+    shuffled = [p for p in preds if p["variant"] == variant]
+    preds = [p for p in preds if p["variant"] != variant] + shuffled[::-1]
+    with pytest.raises(ValueError, match=f"the {variant} answers are not in the order"):
         evaluation.metrics_from_rows(preds, clip_rows, K, ("vhp",))
 
 
@@ -240,3 +285,46 @@ def test_jobs_ask_each_task_of_the_clips_that_have_it():
     fewer = evaluation.build_jobs(rows[:2], cfg, ("vhp",), seed=0, shuffle=False)
     same = [j for j in jobs if j["variant"] == "question" and j["task"] == "vhp"][:2]
     assert [(j["question"], j["seed"]) for j in fewer] == [(j["question"], j["seed"]) for j in same]
+
+
+def test_shuffled_frames_jobs_are_a_seeded_derangement_of_the_frames():
+    """--shuffle-frames: each clip asked its OWN question (same prompt, same seed) over another
+    clip's frames, by a seeded derangement of its own stream (not the questions' shuffle)."""
+    from handsonvlm.config import load_model_config
+
+    cfg = load_model_config("tiny")
+    rows = [{"sample_id": f"s{i}", "narration": f"open drawer {i}", "rbhp_questions": ["Where is the cup?"] * (i % 2)}
+            for i in range(7)]
+    jobs = evaluation.build_jobs(rows, cfg, ("vhp", "rbhp"), seed=0, shuffle=True, shuffle_frames=True)
+    for task, n in (("vhp", 7), ("rbhp", 3)):
+        own = {j["sample_id"]: j for j in jobs if j["task"] == task and j["variant"] == "question"}
+        frames = [j for j in jobs if j["task"] == task and j["variant"] == "shuffled_frames"]
+        assert [j["sample_id"] for j in frames] == list(own) and len(own) == n  # clip order, every clip once
+        assert all(j["frames_from"] != j["sample_id"] for j in frames)  # no fixed point
+        assert sorted(j["frames_from"] for j in frames) == sorted(own)  # a permutation of the clips
+        for j in frames:  # the clip's own prompt and seed: only the frames differ
+            mine = own[j["sample_id"]]
+            assert (j["question"], j["question_from"], j["seed"]) == (mine["question"], j["sample_id"], mine["seed"])
+        assert all(j["frames_from"] == j["sample_id"] for j in own.values())
+        ids = list(own)
+        perm = evaluation.shuffle_permutation(n, 0, task, "shuffled_frames")
+        assert [j["frames_from"] for j in frames] == [ids[int(i)] for i in perm]
+    # seeded: the same seed gives the same jobs, another seed another shuffle
+    assert evaluation.build_jobs(rows, cfg, ("vhp",), seed=0, shuffle=False, shuffle_frames=True) == \
+        [j for j in jobs if j["task"] == "vhp" and j["variant"] != "shuffled"]
+    other = evaluation.build_jobs(rows, cfg, ("vhp",), seed=1, shuffle=False, shuffle_frames=True)
+    assert [j["frames_from"] for j in other if j["variant"] == "shuffled_frames"] != \
+        [j["frames_from"] for j in jobs if j["task"] == "vhp" and j["variant"] == "shuffled_frames"]
+    # pinned: changes only on purpose; independent of the question shuffle of the same seed
+    assert evaluation.shuffle_permutation(10, 0, "vhp", "shuffled_frames").tolist() == [9, 3, 8, 7, 1, 2, 4, 5, 0, 6]
+    assert evaluation.shuffle_permutation(10, 0, "vhp", "shuffled").tolist() == [5, 6, 9, 1, 0, 7, 4, 2, 3, 8]
+    for n in (2, 3, 5, 11):
+        for seed in range(5):
+            perm = evaluation.shuffle_permutation(n, seed, "rbhp", "shuffled_frames")
+            assert sorted(perm.tolist()) == list(range(n)) and not (perm == np.arange(n)).any()
+    # without the flag the jobs are exactly what they were
+    plain = evaluation.build_jobs(rows, cfg, ("vhp", "rbhp"), seed=0, shuffle=True)
+    assert plain == [j for j in jobs if j["variant"] != "shuffled_frames"]
+    # fewer than 2 clips: nothing to swap with, skipped
+    single = evaluation.build_jobs(rows[:1], cfg, ("vhp",), seed=0, shuffle=False, shuffle_frames=True)
+    assert [j["variant"] for j in single] == ["question"]

@@ -224,3 +224,36 @@ def test_cli_validation(tmp_path):
     assert args.model_cfg.vision.init_seed == 1 and args.feature_dtype == "float16"
     with pytest.raises(SystemExit):  # other stages keep requiring their inputs
         preprocess.parse_args(["--stage", "samples", "--out", str(tmp_path)])
+
+
+EFFICIENTNET = ["model.vision.kind=efficientnet_lite0", "model.vision.config=null"]
+
+
+def test_efficientnet_tower_has_its_own_key_and_exact_float32_cache(processed, tmp_path):
+    """The same stage with the pretrained EfficientNet-Lite0 tower (model.vision.kind): its own key, 1280-d
+    features on a 3 x 3 pooled grid, float32 rows bit-identical to the model's ``frame_features``."""
+    args = preprocess.parse_args(["--stage", "features", "--out", str(tmp_path), "--model-config", TINY,
+                                  *(x for s in EFFICIENTNET for x in ("--set", s))])
+    cfg = args.model_cfg
+    assert cfg.vision.kind == "efficientnet_lite0" and cfg.vision.config is None
+    key, clip_key = feature_key(cfg), feature_key(load_model_config("tiny"))
+    assert key != clip_key
+    torch.manual_seed(5)
+    model = HandsOnVLM(cfg).eval()
+    split, shard_id = "train", sample_shards(processed, "train")[0]
+    samples = read_samples(processed, split, shard_id)
+    spec = {"split": split, "shard_id": shard_id, "samples": str(processed / "samples" / split / f"{shard_id}.parquet"),
+            "sample_fingerprint": "fp"}
+    out = tmp_path / "out"
+    summary = process_feature_shard(spec, cfg, str(out), dtype="float32")
+    assert summary["key"] == key and summary["written"] == samples.num_rows
+    assert summary["dims"] == {"num_frames": 10, "channels": 1280, "grid_tokens": 9}
+    assert not (out / "features" / clip_key).exists()  # nothing written under the CLIP tower's key
+    table = read_feature_table(str(out), key, split, shard_id)
+    assert table.schema.metadata[b"vision_key"] == key.encode()
+    assert table.schema.field("frame_grids").metadata[b"shape"] == b"[10, 9, 1280]"
+    ref_means, ref_grids = reference_features(model, samples)
+    np.testing.assert_array_equal(tensor_column(table, "frame_means"), ref_means)  # bit-exact
+    np.testing.assert_array_equal(tensor_column(table, "frame_grids"), ref_grids)
+    clip_means = tensor_column(read_feature_table(str(processed), clip_key, split, shard_id), "frame_means")
+    assert clip_means.shape[-1] == 32  # the CLIP cache of the same shard is another tower's

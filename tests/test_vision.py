@@ -9,9 +9,10 @@ import torch
 import torch.nn as nn
 from transformers import CLIPConfig, CLIPModel
 
-from handsonvlm.image import CLIP_MEAN, CLIP_STD, decode_jpegs, preprocess_frames
+from handsonvlm.image import CLIP_MEAN, CLIP_STD, LITE_MEAN, LITE_STD, decode_jpegs, preprocess_frames, renormalize
 from handsonvlm.vision import (
     VisionTower,
+    build_tower,
     encode_video,
     num_video_tokens,
     pool_frames,
@@ -239,6 +240,30 @@ def test_preprocess_agrees_with_hf_clip_processor():
     grey_levels = (out - reference).abs() * torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0
     assert out.shape == reference.shape == (2, 3, 224, 224)
     assert grey_levels.max() <= 1.0 + 1e-3 and grey_levels.mean() < 0.25
+
+
+def test_renormalize_gives_another_towers_normalisation():
+    """CLIP pixel values -> EfficientNet-Lite's (v - 127) / 128 (and ImageNet's): as normalising so directly."""
+    frames = np.random.default_rng(3).integers(0, 256, (2, EPIC_H, EPIC_W, 3), dtype=np.uint8)
+    clip = preprocess_frames(frames, image_size=224)
+    lite = preprocess_frames(frames, 224, LITE_MEAN, LITE_STD)
+    torch.testing.assert_close(renormalize(clip, LITE_MEAN, LITE_STD), lite, rtol=0, atol=2e-6)
+    rgb = torch.from_numpy(frames[:, :224, :224].copy()).permute(0, 3, 1, 2).float()
+    torch.testing.assert_close(preprocess_frames(frames[:, :224, :224], 224, LITE_MEAN, LITE_STD), (rgb - 127) / 128)
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    torch.testing.assert_close(renormalize(clip, *imagenet), preprocess_frames(frames, 224, *imagenet),
+                               rtol=0, atol=2e-6)
+    assert renormalize(clip.half(), LITE_MEAN, LITE_STD).dtype == torch.float16
+
+
+def test_build_tower_by_kind():
+    from handsonvlm.config import VisionConfig
+
+    torch.manual_seed(0)
+    tower = build_tower(VisionConfig(config=TINY_CLIP, select_layer=-1, dtype="float32"))
+    assert isinstance(tower, VisionTower) and tower.select_layer == -1 and tower.grid == 8
+    with pytest.raises(ValueError, match="kind must be one of"):
+        VisionConfig(kind="vit")
 
 
 def test_decode_jpegs_rgb():
