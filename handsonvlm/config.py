@@ -38,6 +38,7 @@ ZERO_STAGES = (2, 3)
 PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCHEDULES = ("cosine", "constant")
 FEATURE_CACHE_MODES = ("auto", "on", "off")
+PLACEMENTS = ("pack", "spread")  # train.placement: Ray Train's PACK or SPREAD placement of the workers
 RELEASE_MAX_NEW_TOKENS = 100  # the release's answer length limit (handsonvlm_inference.py)
 RELEASE_TOP_K = 50  # HF generate's default top-k, which the release's sampling got on top of top-p
 CORRECTED_MAX_NEW_TOKENS = 64  # four hand tokens and their answer text fit
@@ -239,6 +240,10 @@ class TrainConfig(ConfigSection):
     rephrase_rate: float = 0.5
     feature_cache: str = "auto"  # auto: use OUT/features/<vision key> when present
     export_dir: str = "runs/models"
+    placement: str = field(default="pack", metadata={
+        "choices": PLACEMENTS,
+        "help": "where the Ray Train workers go: pack (as few nodes as possible) or spread (one per node "
+                "where it can: a multi-node run)"})
     # Validation at every checkpoint (handsonvlm/validation.py): greedy answers on this many clips of
     # the val_split shards (a fixed choice seeded by train.seed), logged as val/<task>/*; 0 turns it off.
     val_clips: int = 8
@@ -256,6 +261,7 @@ class TrainConfig(ConfigSection):
         _check_choice("train", "precision", self.precision, PRECISIONS)
         _check_choice("train", "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("train", "feature_cache", self.feature_cache, FEATURE_CACHE_MODES)
+        _check_choice("train", "placement", self.placement, PLACEMENTS)
         if min(self.num_workers, self.micro_batch_size, self.gradient_accumulation_steps, self.epochs) < 1:
             raise ValueError("train.num_workers, micro_batch_size, gradient_accumulation_steps and epochs must be >= 1")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:

@@ -29,6 +29,7 @@ DEFAULT_DB = Path("runs") / "mlflow.db"
 MAX_PARAM_LENGTH = 500  # MLflow's limit for a parameter value
 SECRET_WORDS = ("token", "password", "secret", "api_key", "apikey", "credential")
 RESTARTS_METRIC = "train/restarts"
+WORKER_NODES_TAG = "worker_nodes"  # the Ray node ids the training workers ran on (sorted, comma-separated)
 MODEL_ARTIFACT = "model"  # the training run's artifact folder of the exported model
 # where resolve_model downloads models; on a cluster a shared path, so that actors on other nodes read it
 MODEL_CACHE_ENV, DEFAULT_MODEL_CACHE = "HANDSONVLM_MODEL_CACHE", Path("runs") / "model_cache"
@@ -284,6 +285,24 @@ class WorkerLogger:
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def tag_worker_nodes(self) -> str:
+        """Collective (every rank calls it): each rank's Ray node id is all-gathered over torch.distributed
+        and rank 0 tags the run ``worker_nodes`` with the distinct ids, sorted and comma-separated (set
+        again by each start of the worker group, so after a restart it names the nodes of the last one).
+        Returns that value."""
+        import ray
+        import torch.distributed as dist
+
+        node = ray.get_runtime_context().get_node_id()
+        nodes = [node]
+        if dist.is_available() and dist.is_initialized():
+            nodes = [None] * dist.get_world_size()
+            dist.all_gather_object(nodes, node)
+        value = ",".join(sorted(set(nodes)))
+        if self.client is not None:
+            self.client.set_tag(self.run_id, WORKER_NODES_TAG, value)
+        return value
 
     def restarts_so_far(self) -> int:
         """Restores this MLflow run has recorded so far (kept in the run itself, so the count survives

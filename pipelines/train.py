@@ -49,6 +49,8 @@ TRAIN_FLAGS = ("data", "max_steps", "num_workers", "zero_stage")  # --data, --ma
 # sys.stdout is not sys.__stdout__, and in a Ray worker it never is (Ray wraps it): every line a worker
 # printed (progress, DeepSpeed's) reached the driver twice. Without the patch a print is a print.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+# train.placement -> Ray Train's placement strategy of the workers' placement group
+PLACEMENT_STRATEGIES = {"pack": "PACK", "spread": "SPREAD"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,7 +125,9 @@ def dry_run(config: dict) -> dict:
 
 
 def export_path_for(export_dir: str, run_name: str) -> str:
-    return str(Path(export_dir).absolute() / run_name)
+    """``<export_dir>/<run_name>``: a local folder made absolute, or a URI (``s3://...``; rank 0 writes
+    the export to a temporary folder and uploads it, see ``preprocessing.storage.write_dir``)."""
+    return storage.join(absolute_uri(export_dir), run_name)
 
 
 def plan_validation(data: str, train: dict) -> dict | None:
@@ -165,6 +169,16 @@ def register(mlflow_client, run_id: str, name: str) -> str | None:
     mlflow_client.set_tag(run_id, "registered_model", uri)
     print(f"[train] registered {uri}", flush=True)
     return uri
+
+
+def log_export(mlflow_client, run_id: str, export_path: str) -> bool:
+    """The export as the run's ``model`` artifact (an export on object storage is downloaded for it
+    first); False when there is no export."""
+    if not storage.exists(export_path):
+        return False
+    with storage.local_dir(export_path) as local:
+        mlflow_client.log_artifacts(run_id, local, artifact_path=tracking.MODEL_ARTIFACT)
+    return True
 
 
 def previous_run_step(storage_path: str, run_name: str) -> int | None:
@@ -234,7 +248,8 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=train["num_workers"], use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": train["cpus_per_worker"]}),
+                                     resources_per_worker={"CPU": train["cpus_per_worker"]},
+                                     placement_strategy=PLACEMENT_STRATEGIES[train["placement"]]),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=train["keep_checkpoints"]),
@@ -249,8 +264,7 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
         if mlflow_client is not None:
             if ok:
                 mlflow_client.set_tag(run_id, "model_path", export_path)
-                if Path(export_path).exists():
-                    mlflow_client.log_artifacts(run_id, export_path, artifact_path=tracking.MODEL_ARTIFACT)
+                if log_export(mlflow_client, run_id, export_path):
                     model_uri = register(mlflow_client, run_id, train["register_model"]) \
                         if train["register_model"] else None
             tracking.finish_run(mlflow_client, run_id, ok)

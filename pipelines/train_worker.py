@@ -44,6 +44,7 @@ from handsonvlm.training import (
 )
 from handsonvlm.validation import ValidationSet, validate_in_training
 from pipelines.tracking import RESTARTS_METRIC, WorkerLogger
+from preprocessing import storage
 from preprocessing.training_data import (
     MB,
     DrawStream,
@@ -323,12 +324,13 @@ class TrainRecipe:
         export_path = self.config["export_path"]
         with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
             if self.rank == 0:
-                self.parts.model.save_pretrained(export_path)
+                storage.write_dir(export_path, self.parts.model.save_pretrained)  # a URI: via a local folder
                 print(f"[train] exported {export_path}", flush=True)
         dist.barrier()
 
     def run(self) -> None:
         self.setup()
+        self.logger.tag_worker_nodes()  # the Ray nodes the workers run on, as the run's tag worker_nodes
         self.restore()
         self.train()
         if self.resumed and self.progress.step == self.total_steps and not self.last_metrics:

@@ -3,6 +3,12 @@
 Every stage reads and writes through these helpers so the same command works on a laptop and on
 a cluster whose shards live in object storage. Writes are atomic: a reader (or a re-run after a
 crash) sees either the whole file or no file, which is what makes the stages resumable.
+Directories (:func:`upload_dir`, :func:`write_dir`: a model export) are copied file by file.
+
+``s3://`` goes through pyarrow's S3 filesystem, which takes credentials, region and endpoint from
+the environment as the AWS SDKs do (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL`` for an S3-compatible store such as MinIO), and so do
+Ray Train's checkpoint uploads and MLflow's S3 artifact store (boto3; ``MLFLOW_S3_ENDPOINT_URL``).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import posixpath
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pyarrow as pa
@@ -145,3 +151,47 @@ def local_copy(uri: str) -> Iterator[str]:
             shutil.copyfileobj(src, tmp)
         tmp.flush()
         yield tmp.name
+
+
+def upload_dir(local: str, uri: str) -> None:
+    """Copy the local directory ``local`` and everything under it to the directory ``uri`` (a local
+    path or URI), creating it; files already there under the same names are replaced."""
+    fs, path = resolve(uri)
+    source = os.path.abspath(local)
+    if is_local(uri) and source == path:
+        return
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(source, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download_dir(uri: str, local: str) -> None:
+    """Copy the directory ``uri`` and everything under it to the local directory ``local``."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"no directory at {uri}")
+    os.makedirs(local, exist_ok=True)
+    pafs.copy_files(path, os.path.abspath(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+
+def write_dir(uri: str, write: Callable[[str], object]) -> None:
+    """``write(directory)`` with a local directory whose contents end up at ``uri``: a local ``uri``
+    is written in place; for a URI, ``write`` fills a temporary directory that is then uploaded
+    (e.g. ``write_dir("s3://bucket/models/run", model.save_pretrained)``)."""
+    if is_local(uri):
+        write(_local_path(uri))
+        return
+    with tempfile.TemporaryDirectory(prefix="handsonvlm-upload-") as scratch:
+        write(scratch)
+        upload_dir(scratch, uri)
+
+
+@contextmanager
+def local_dir(uri: str) -> Iterator[str]:
+    """A local directory holding what the directory ``uri`` holds: a local one is used in place, a
+    remote one is downloaded to a temporary directory (removed afterwards)."""
+    if is_local(uri):
+        yield _local_path(uri)
+        return
+    with tempfile.TemporaryDirectory(prefix="handsonvlm-download-") as scratch:
+        download_dir(uri, scratch)
+        yield scratch
