@@ -38,6 +38,7 @@ ZERO_STAGES = (2, 3)
 PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCHEDULES = ("cosine", "constant")
 FEATURE_CACHE_MODES = ("auto", "on", "off")
+DEVICES = ("auto", "cuda", "cpu")  # train.device
 PLACEMENTS = ("pack", "spread")  # train.placement: Ray Train's PACK or SPREAD placement of the workers
 RELEASE_MAX_NEW_TOKENS = 100  # the release's answer length limit (handsonvlm_inference.py)
 RELEASE_TOP_K = 50  # HF generate's default top-k, which the release's sampling got on top of top-p
@@ -240,6 +241,9 @@ class TrainConfig(ConfigSection):
     rephrase_rate: float = 0.5
     feature_cache: str = "auto"  # auto: use OUT/features/<vision key> when present
     export_dir: str = "runs/models"
+    # auto: GPUs when the Ray cluster has one per worker right now, else CPU; cuda: always request GPUs
+    # (an autoscaler may add them; a local Ray without them fails at once); cpu: never use GPUs.
+    device: str = field(default="auto", metadata={"choices": DEVICES, "help": "auto, cuda or cpu"})
     placement: str = field(default="pack", metadata={
         "choices": PLACEMENTS,
         "help": "where the Ray Train workers go: pack (as few nodes as possible) or spread (one per node "
@@ -262,6 +266,7 @@ class TrainConfig(ConfigSection):
         _check_choice("train", "lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _check_choice("train", "feature_cache", self.feature_cache, FEATURE_CACHE_MODES)
         _check_choice("train", "placement", self.placement, PLACEMENTS)
+        _check_choice("train", "device", self.device, DEVICES)
         if min(self.num_workers, self.micro_batch_size, self.gradient_accumulation_steps, self.epochs) < 1:
             raise ValueError("train.num_workers, micro_batch_size, gradient_accumulation_steps and epochs must be >= 1")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:

@@ -39,6 +39,9 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+LOCAL_RAY = {"started": False}  # set by init_ray when it starts a private local Ray (no autoscaler)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None,
              object_store_memory: int | None = DEFAULT_OBJECT_STORE_BYTES) -> None:
     """Connect to a cluster, or start a private local Ray.
@@ -63,6 +66,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
              include_dashboard=False, dashboard_host=LOCAL_DASHBOARD_HOST, log_to_driver=True,
              runtime_env={"env_vars": env_vars, "worker_process_setup_hook": configure_local_worker_logging})
+    LOCAL_RAY["started"] = True
 
 
 def configure_local_worker_logging() -> None:
@@ -127,3 +131,31 @@ def trained_preset(model_dir: str, default: str) -> str:
     except (ModelLoadError, OSError):
         return default
     return name if Path(name).name == name and (CONFIG_DIR / f"{name}.yaml").is_file() else default
+
+
+class DeviceError(RuntimeError):
+    """A run configured for GPUs that cannot get them."""
+
+
+def resolve_use_gpu(device: str, gpus_available: float, num_workers: int, can_autoscale: bool,
+                    what: str = "train", where: str = "this Ray") -> bool:
+    """Whether ``num_workers`` workers run on GPUs (one each), from ``<what>.device``:
+
+    * ``auto``: if ``gpus_available`` covers every worker now;
+    * ``cuda``: always; raises :class:`DeviceError` when they are missing and nothing can add them
+      (a local Ray: ``can_autoscale`` False), rather than running a GPU preset on CPU;
+    * ``cpu``: never."""
+    if device == "cpu":
+        return False
+    if device == "auto":
+        return gpus_available >= num_workers
+    if gpus_available < num_workers and not can_autoscale:
+        raise DeviceError(f"{what}.device=cuda needs {num_workers} GPUs (one per worker) and {where} has "
+                          f"{gpus_available:g}: run it on a GPU cluster (ray job submit ...), or force CPU with "
+                          f"--set {what}.device=cpu (slow; meant for smoke tests)")
+    return True
+
+
+def backend_for(use_gpu: bool) -> str:
+    """torch.distributed's backend and DeepSpeed's accelerator follow the device."""
+    return "nccl" if use_gpu else "gloo"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +40,17 @@ from handsonvlm.config import (
 from handsonvlm.mixture import Mixture
 from handsonvlm.templates import TemplatesFileMissing, templates_for
 from pipelines import tracking
-from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, absolute_uri, add_ray_flags, init_ray, setup_logging
+from pipelines.common import (
+    DEFAULT_OBJECT_STORE_BYTES,
+    LOCAL_RAY,
+    DeviceError,
+    absolute_uri,
+    add_ray_flags,
+    backend_for,
+    init_ray,
+    resolve_use_gpu,
+    setup_logging,
+)
 from preprocessing import layout, storage
 from preprocessing.training_data import describe_plan, feature_cache_plan, plan_data, read_shard, total_steps
 
@@ -109,6 +120,10 @@ def dry_run(config: dict) -> dict:
     report = {"preset": config.get("preset"), "mode": model["mode"], "data": data,
               **describe_plan(plan, mixture, train["epochs"], train["max_steps"])}
     report["warmup_steps"] = math.ceil(train["warmup_ratio"] * plan["steps_per_epoch"] * train["epochs"])
+    device = train["device"]
+    report["device"] = device
+    report["backend"] = {"cuda": backend_for(True), "cpu": backend_for(False)}.get(
+        device, f"{backend_for(True)} if the cluster has {train['num_workers']} GPUs, else {backend_for(False)}")
     warnings = []
     try:
         report["templates"] = run_templates(config).source
@@ -216,7 +231,12 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
                                           train["feature_cache"])
     val = plan_validation(data, train)
     plan["validation"] = val["rows"] if val else None
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= train["num_workers"]
+    # On a connected cluster an autoscaler may still add the GPU nodes (the GPU groups start at 0 nodes).
+    use_gpu = resolve_use_gpu(train["device"], ray.cluster_resources().get("GPU", 0), train["num_workers"],
+                              can_autoscale=not LOCAL_RAY["started"])
+    if use_gpu and ray.cluster_resources().get("GPU", 0) < train["num_workers"]:
+        print(f"[train] waiting for {train['num_workers']} GPUs (the cluster has "
+              f"{ray.cluster_resources().get('GPU', 0):g} now; its autoscaler adds GPU nodes)", flush=True)
     export_path = export_path_for(train["export_dir"], run_name)
 
     mlflow_client, run_id = None, None
@@ -250,11 +270,12 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
         scaling_config=ScalingConfig(num_workers=train["num_workers"], use_gpu=use_gpu,
                                      resources_per_worker={"CPU": train["cpus_per_worker"]},
                                      placement_strategy=PLACEMENT_STRATEGIES[train["placement"]]),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=backend_for(use_gpu)),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=train["keep_checkpoints"]),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             worker_runtime_env={"env_vars": WORKER_ENV}),
+                             worker_runtime_env={"env_vars": {**WORKER_ENV,
+                                                              "DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}}),
     )
     ok, result, model_uri = False, None, None
     try:
@@ -280,6 +301,16 @@ def main(argv=None) -> int:
         print(json.dumps(dry_run(config), indent=1))
         return 0
     run_name = args.run_name or f"{config['model']['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    train = config["train"]
+    if not (args.ray_address or os.environ.get("RAY_ADDRESS")):
+        try:  # a local Ray gets this machine's GPUs and no more: fail before starting it
+            import torch
+
+            resolve_use_gpu(train["device"], torch.cuda.device_count(), train["num_workers"], can_autoscale=False,
+                            where="this machine")
+        except DeviceError as exc:
+            print(f"[train] error: {exc}", file=sys.stderr, flush=True)
+            return 2
     init_ray(args.ray_address, args.num_cpus, DEFAULT_OBJECT_STORE_BYTES)
     out = launch(config, run_name, args.storage, args.max_failures, use_mlflow=not args.no_mlflow)
     print(f"[train] done: {out['metrics']}", flush=True)

@@ -204,3 +204,25 @@ def test_dry_run_reports_the_release_share_of_rbhp_under_partial_coverage(tmp_pa
     release = json.loads(capsys.readouterr().out)
     assert (release["steps_per_epoch"], release["total_steps"], release["warmup_steps"]) == (378, 15120, 454)
     assert any("vicuna-7b-v1.3 does not exist" in w for w in release["warnings"])
+
+
+def test_gpu_presets_never_fall_back_to_cpu(tmp_path, capsys):
+    """train.device: auto follows the cluster, cuda requests GPUs (an autoscaler may add them) and fails
+    at once where nothing can, cpu never asks."""
+    from pipelines.common import DeviceError, resolve_use_gpu
+
+    assert resolve_use_gpu("auto", 8, 8, can_autoscale=False) and not resolve_use_gpu("auto", 4, 8, False)
+    assert resolve_use_gpu("cuda", 0, 8, can_autoscale=True)  # the autoscaler's GPU group starts at 0 nodes
+    assert not resolve_use_gpu("cpu", 8, 8, can_autoscale=False)
+    with pytest.raises(DeviceError, match=r"needs 8 GPUs .* has 2: .* --set train.device=cpu"):
+        resolve_use_gpu("cuda", 2, 8, can_autoscale=False)
+    # the 7B preset on this CPU machine: an error in seconds, before Ray starts, naming the override
+    write_shards(tmp_path / "samples" / "train")
+    start = time.perf_counter()
+    assert train_job.main(["--config", "vicuna-7b", "--data", str(tmp_path), "--no-mlflow"]) == 2
+    assert time.perf_counter() - start < 30
+    err = capsys.readouterr().err
+    assert "train.device=cuda needs 8 GPUs" in err and "this machine has 0" in err and "train.device=cpu" in err
+    assert train_job.main(["--config", "vicuna-7b", "--data", str(tmp_path), "--dry-run"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["device"], report["backend"]) == ("cuda", "nccl")
