@@ -17,6 +17,8 @@ are index arithmetic, not per-sample loops (the release loops over samples for a
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -35,28 +37,67 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "handsonvlm_config.json"
 
 
-def _build_lm(cfg: ModelConfig, tokenizer):
+class ModelInit:
+    """How :class:`HandsOnVLM` creates its parameters. This class builds every part whole in each
+    process (every hook a no-op): plain PyTorch, inference, export, ZeRO-2.
+
+    :class:`handsonvlm.training.Zero3Init` (DeepSpeed ZeRO-3) partitions the parameters over the ranks
+    as the modules are created, so that no rank ever holds the whole model. The hooks, in the order
+    :class:`HandsOnVLM` uses them:
+
+    * ``transformers()``: around everything done to the LM through transformers (``from_pretrained``,
+      ``resize_token_embeddings``, gradient checkpointing), so that transformers' own ZeRO-3 code runs;
+    * ``construct()``: around the construction of modules whose parameters are partitioned as they are
+      created (the random-init LM, the projector, the trajectory decoder);
+    * ``partition(module)``: partitions ``module``'s parameters that were created outside ``construct()``
+      (the rows added by ``resize_token_embeddings``);
+    * ``modify(params)``: around an in-place edit of parameters made under ``construct()`` (the
+      projector's initial weights from a file): gathered whole inside, rank 0's values kept on exit.
+
+    The frozen vision tower is built outside all of them (whole, in its dtype; docs/CLUSTER.md,
+    "5. Scaling")."""
+
+    def transformers(self) -> AbstractContextManager:
+        return nullcontext()
+
+    def construct(self) -> AbstractContextManager:
+        return nullcontext()
+
+    def partition(self, module: nn.Module) -> None:
+        return None
+
+    def modify(self, params: Iterable[nn.Parameter]) -> AbstractContextManager:
+        return nullcontext()
+
+
+PLAIN_INIT = ModelInit()
+
+
+def _build_lm(cfg: ModelConfig, tokenizer, init: ModelInit = PLAIN_INIT):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    if cfg.lm.pretrained:
-        # A local directory, or a hub id already in the local Hugging Face cache: never a download.
-        try:
-            lm = LlamaForCausalLM.from_pretrained(cfg.lm.pretrained, local_files_only=True,
-                                                  attn_implementation=cfg.lm.attn_implementation)
-        except OSError as exc:
-            raise FileNotFoundError(f"LM weights {cfg.lm.pretrained!r} are neither a local directory nor in the local "
-                                    "Hugging Face cache; nothing is downloaded at run time "
-                                    "(see docs/MODEL.md)") from exc
-    else:
-        lm_config = LlamaConfig(**cfg.lm.config, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-        lm_config._attn_implementation = cfg.lm.attn_implementation
-        lm = LlamaForCausalLM(lm_config)
-    if lm.get_input_embeddings().num_embeddings != len(tokenizer):
-        # New rows (time and hand tokens) get the LM's normal init, as the release's resize did.
-        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    if cfg.lm.gradient_checkpointing:
-        lm.gradient_checkpointing_enable()
+    with init.transformers():
+        if cfg.lm.pretrained:
+            # A local directory, or a hub id already in the local Hugging Face cache: never a download.
+            try:
+                lm = LlamaForCausalLM.from_pretrained(cfg.lm.pretrained, local_files_only=True,
+                                                      attn_implementation=cfg.lm.attn_implementation)
+            except OSError as exc:
+                raise FileNotFoundError(f"LM weights {cfg.lm.pretrained!r} are neither a local directory nor in the "
+                                        "local Hugging Face cache; nothing is downloaded at run time "
+                                        "(see docs/MODEL.md)") from exc
+        else:
+            lm_config = LlamaConfig(**cfg.lm.config, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+            lm_config._attn_implementation = cfg.lm.attn_implementation
+            with init.construct():
+                lm = LlamaForCausalLM(lm_config)
+        if lm.get_input_embeddings().num_embeddings != len(tokenizer):
+            # New rows (time and hand tokens) get the LM's normal init, as the release's resize did.
+            lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+            init.partition(lm)
+        if cfg.lm.gradient_checkpointing:
+            lm.gradient_checkpointing_enable()
     return lm
 
 
@@ -116,19 +157,25 @@ def load_projector_init(projector: nn.Linear, path: str | Path) -> None:
 
 
 class HandsOnVLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, tokenizer=None):
+    def __init__(self, cfg: ModelConfig, tokenizer=None, init: ModelInit = PLAIN_INIT):
+        """``init``: how the parameters are created (:class:`ModelInit`; ZeRO-3 partitions them as they
+        are created). The parts are built in a fixed order, each drawing its initial weights from the
+        global torch RNG (the vision tower from its own seed), so that the order is part of the result."""
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
         self.tokens = special_tokens(self.tokenizer, cfg)
-        self.lm = _build_lm(cfg, self.tokenizer)
+        self.lm = _build_lm(cfg, self.tokenizer, init)
         self.vision = build_vision_tower(cfg)
         self.hidden_size = self.lm.config.hidden_size
-        self.projector = nn.Linear(self.vision.hidden_size, self.hidden_size)
+        with init.construct():
+            self.projector = nn.Linear(self.vision.hidden_size, self.hidden_size)
         if cfg.projector_init:
-            load_projector_init(self.projector, cfg.projector_init)
-        self.traj_decoder = build_traj_decoder(cfg.traj_decoder, self.hidden_size // 2, cfg.decoder_hidden,
-                                               cfg.decoder_latent)
+            with init.modify(self.projector.parameters()):
+                load_projector_init(self.projector, cfg.projector_init)
+        with init.construct():
+            self.traj_decoder = build_traj_decoder(cfg.traj_decoder, self.hidden_size // 2, cfg.decoder_hidden,
+                                                   cfg.decoder_latent)
 
     # ------------------------------------------------------------------ visual tokens
     def frame_features(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,14 +2,17 @@
 
 The Ray Train worker (pipelines/train_worker.py) hands the model, optimizer and scheduler built
 here to DeepSpeed; the benchmark's plain loop and the golden regression test run them in plain
-PyTorch. One definition keeps their set-up identical. No Ray or DeepSpeed here.
+PyTorch. One definition keeps their set-up identical. No Ray here, and DeepSpeed only inside
+:class:`Zero3Init`'s methods (imported when a ZeRO-3 worker builds its model), so that this module
+imports without it.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +21,7 @@ from torch import nn
 from handsonvlm.config import ModelConfig, TrainConfig
 from handsonvlm.data import collate, max_text_tokens
 from handsonvlm.mixture import Mixture, make_example
-from handsonvlm.model import HandsOnVLM
+from handsonvlm.model import PLAIN_INIT, HandsOnVLM, ModelInit
 from handsonvlm.templates import PROJECT_TEMPLATES, TemplateSet
 
 FIXED_BATCH_SEED = 1234  # CVAE noise of the fixed-batch loss, identical before and after a restore
@@ -56,15 +59,17 @@ def lr_lambda(total_steps: int, warmup_ratio: float, schedule: str) -> Callable[
 
 
 def build_training(train_cfg: TrainConfig, model_cfg: ModelConfig, total_steps: int,
-                   templates: TemplateSet = PROJECT_TEMPLATES) -> TrainingParts:
+                   templates: TemplateSet = PROJECT_TEMPLATES, init: ModelInit | None = None) -> TrainingParts:
     """The model (from ``train_cfg.seed``: identical initial weights in every process), AdamW over
     its trainable parameters, the LR schedule over ``total_steps`` optimizer steps and the mixture
     (its conversations made of ``templates``).
 
     The construction order is part of the result: the model draws its initial weights from the
-    global torch RNG right after the seed is set."""
+    global torch RNG right after the seed is set. ``init``: how its parameters are created; ``None``
+    builds the whole model in this process (plain PyTorch, ZeRO-2), :class:`Zero3Init` partitions
+    them over the ranks as they are created, with the same initial values (tests/test_zero3_init.py)."""
     torch.manual_seed(train_cfg.seed)
-    model = HandsOnVLM(model_cfg)
+    model = HandsOnVLM(model_cfg, init=init or PLAIN_INIT)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train_cfg.lr, betas=train_cfg.betas, eps=train_cfg.eps,
                                   weight_decay=train_cfg.weight_decay)
@@ -72,6 +77,113 @@ def build_training(train_cfg: TrainConfig, model_cfg: ModelConfig, total_steps: 
         optimizer, lr_lambda(total_steps, train_cfg.warmup_ratio, train_cfg.lr_schedule))
     mixture = Mixture.from_config(train_cfg.to_dict(), model_cfg=model_cfg, templates=templates)
     return TrainingParts(model, trainable, optimizer, scheduler, mixture)
+
+
+class Zero3Init(ModelInit):
+    """DeepSpeed ZeRO-3 construction of :class:`HandsOnVLM`: no rank ever holds the whole model.
+
+    * The LM is created under ``deepspeed.zero.Init(config_dict_or_path=ds_config)``: each module's
+      parameters are partitioned over the ranks as soon as the module exists, so a rank holds its
+      1/world share plus one module at a time. A pretrained LM is loaded with transformers'
+      ``HfDeepSpeedConfig(ds_config)`` alive: ``from_pretrained`` then creates the model under
+      zero.Init itself and rank 0 reads the checkpoint and scatters it module by module (the other
+      ranks read only the keys and shapes), as transformers 5.23 does. ``resize_token_embeddings``
+      and gradient checkpointing run with the config alive too (transformers gathers the old rows
+      itself); the resized embeddings are partitioned right after.
+    * Initial values equal the whole-model build's for the same seed: every rank draws the same
+      numbers in the same order. Plain modules initialise themselves in their constructor, before
+      zero.Init partitions them. transformers' ``post_init`` weight initialisation would run on
+      the already partitioned (empty) parameters, so while constructing, ``PreTrainedModel.init_weights``
+      is replaced by :func:`_gathered_init_weights` (every module's parameters gathered, the same
+      draws on every rank, rank 0's kept), as transformers' own ``no_init_weights`` replaces it.
+    * The projector and the trajectory decoder are created under zero.Init too; the projector's
+      initial weights from ``model.projector_init`` are copied in with its parameters gathered.
+    * The frozen vision tower is built whole, outside zero.Init, in its configured dtype (ZeRO-3
+      partitions it at ``deepspeed.initialize``, as before; docs/CLUSTER.md, "5. Scaling").
+
+    ``ds_config`` is the worker's DeepSpeed config (its ``bf16`` setting decides the partitions'
+    dtype). ``deepspeed.comm`` is set up on the existing ``torch.distributed`` process group (Ray
+    Train's) before the first zero.Init, as ``deepspeed.initialize`` would: zero.Init reads the world
+    size from it to check the config's batch sizes."""
+
+    def __init__(self, ds_config: dict):
+        self.ds_config = ds_config
+
+    @staticmethod
+    def _init_comm() -> None:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        if not deepspeed.comm.is_initialized():
+            deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+
+    @contextmanager
+    def transformers(self) -> Iterator[None]:
+        from transformers.integrations import HfDeepSpeedConfig
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        self._init_comm()
+        hf_config = HfDeepSpeedConfig(self.ds_config)  # transformers holds a weak reference: alive while in here
+        try:
+            yield
+        finally:
+            unset_hf_deepspeed_config()
+            del hf_config
+
+    @contextmanager
+    def construct(self) -> Iterator[None]:
+        import deepspeed
+        from transformers.integrations.deepspeed import prevent_arange_dtype_change
+        from transformers.modeling_utils import PreTrainedModel
+
+        self._init_comm()
+        original = PreTrainedModel.init_weights
+        PreTrainedModel.init_weights = _gathered_init_weights
+        try:
+            # prevent_arange_dtype_change keeps RoPE's arange-built buffers in their dtype (as transformers does)
+            with prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=self.ds_config):
+                yield
+        finally:
+            PreTrainedModel.init_weights = original
+
+    def partition(self, module: torch.nn.Module) -> None:
+        import deepspeed
+
+        deepspeed.zero.Init(module=module, config_dict_or_path=self.ds_config)  # converts the not yet partitioned
+
+    def modify(self, params: Iterable[nn.Parameter]) -> AbstractContextManager:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
+
+
+def _gathered_init_weights(model) -> None:
+    """``PreTrainedModel.init_weights`` for a model whose modules are partitioned as they are created.
+
+    The same traversal as ``PreTrainedModel.initialize_weights`` (children first, a sub-model with its
+    own ``_initialize_weights``), but each module's parameters and its direct children's (which
+    ``_init_weights`` may set) are gathered while it is initialised, and every rank runs the init:
+    the same draws as the whole-model build, so the global RNG stays in step on every rank; rank 0's
+    values are kept. transformers' ``initialize_weights_zero3`` draws on rank 0 only, which leaves the
+    other ranks' RNG behind and gives other values than the whole-model build."""
+    import deepspeed
+    from transformers.initialization import guard_torch_init_functions
+    from transformers.modeling_utils import PreTrainedModel
+
+    custom = model.is_custom_code()
+
+    def apply(module: nn.Module, fn) -> None:
+        for child in module.children():
+            apply(child, child._initialize_weights if isinstance(child, PreTrainedModel) else fn)
+        if getattr(module, "_is_hf_initialized", False):
+            return  # done by a sub-model's own post_init
+        params = [p for m in (module, *module.children()) for p in m.parameters(recurse=False)]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            fn(module, custom)
+
+    with torch.no_grad(), guard_torch_init_functions():
+        apply(model, model._initialize_weights)
+    model.tie_weights(recompute_mapping=False)
 
 
 def has_flash_attn() -> bool:

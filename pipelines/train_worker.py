@@ -37,6 +37,7 @@ from handsonvlm.templates import TemplateSet
 from handsonvlm.training import (
     LOSS_PARTS,
     TrainingParts,
+    Zero3Init,
     build_training,
     fixed_batch_loss,
     resolve_attn_implementation,
@@ -179,9 +180,13 @@ class TrainRecipe:
                                              and torch.cuda.is_bf16_supported())
         resolve_attn_implementation(self.model_cfg, self.use_cuda)
         enable_tf32()  # the release trains with --tf32 True; a no-op without CUDA
-        self.parts = build_training(train, self.model_cfg, self.planned_steps, TemplateSet(**self.config["templates"]))
         ds_config = deepspeed_config(train.zero_stage, train.micro_batch_size, train.gradient_accumulation_steps,
                                      self.world, bf16, train.max_grad_norm)
+        # ZeRO-3: the model's parameters are partitioned over the ranks as they are created, so no rank ever
+        # holds the whole model (docs/CLUSTER.md, "5. Scaling"); ZeRO-2 keeps a whole copy on every rank anyway
+        init = Zero3Init(ds_config) if train.zero_stage == 3 else None
+        self.parts = build_training(train, self.model_cfg, self.planned_steps, TemplateSet(**self.config["templates"]),
+                                    init=init)
         # DeepSpeed wraps the client optimizer and steps the client schedule inside engine.step()
         self.engine, _, _, _ = deepspeed.initialize(model=self.parts.model, optimizer=self.parts.optimizer,
                                                     lr_scheduler=self.parts.scheduler, config=ds_config)
