@@ -63,8 +63,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     env_vars = {**LOCAL_RAY_ENV, **{k: os.environ[k] for k in DRIVER_ENV_FOR_WORKERS if k in os.environ}}
     # No dashboard locally; should one be turned on, it listens on loopback only (Ray's own default
     # is also 127.0.0.1, pinned here so that a changed default cannot expose it).
+    # logging_level WARNING: Ray's INFO lines on the driver ("Started a local Ray instance", Ray Data's
+    # start/plan/finish of each execution) repeat in every stage of a run; the stages print their own.
     ray.init(address="local", num_cpus=num_cpus, object_store_memory=object_store_memory,
              include_dashboard=False, dashboard_host=LOCAL_DASHBOARD_HOST, log_to_driver=True,
+             logging_level=logging.WARNING,
              runtime_env={"env_vars": env_vars, "worker_process_setup_hook": configure_local_worker_logging})
     LOCAL_RAY["started"] = True
 

@@ -41,6 +41,7 @@ from handsonvlm.inference import ModelLoadError, check_export, read_model_config
 from pipelines import common, tracking
 from preprocessing import layout, storage
 from preprocessing.features import map_batches_without_restarts
+from preprocessing.stages import disable_progress_bars
 from preprocessing.training_data import read_shard
 
 EVAL_FLAGS = tuple(f.name for f in fields(EvalConfig))  # every key has its flag: --split ... --gallery
@@ -141,7 +142,7 @@ def predict(jobs: list[dict], where: dict[str, str], model_dir: str, settings: E
         by_clip.setdefault(evaluation.frames_source(job), []).append(job)
     gpus = cluster_gpus()
     replicas = max(1, min(settings.replicas or max(1, gpus), len(by_clip)))
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    disable_progress_bars(ray.data.DataContext.get_current())
     ds = ray.data.read_parquet(sorted({where[s] for s in by_clip})).select_columns(FRAME_COLUMNS)  # shards with jobs
     # a dead Predictor fails the evaluation (see map_batches_without_restarts); it reruns as it is
     ds = map_batches_without_restarts(ds, Predictor, batch_size=settings.batch_size, batch_format="pandas",

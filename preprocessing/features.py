@@ -57,6 +57,7 @@ from preprocessing.layout import (
 from preprocessing.quarantine import Quarantine
 from preprocessing.samples import is_done
 from preprocessing.schema import SCHEMA_VERSION, fixed_tensor, tensor_array, tensor_column
+from preprocessing.stages import disable_progress_bars
 
 log = logging.getLogger(__name__)
 
@@ -489,7 +490,7 @@ def run_features_stage(out: str, splits: Sequence[str], cfg, dtype: str = DEFAUL
     if pending:
         log.info("features %s: %d shards to process, %d already done", key, len(pending), n_reused)
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
+        disable_progress_bars(ctx)
         pool = max(1, min(actors, len(pending)))
         ds = ray.data.from_items([{"spec": json.dumps(s)} for s in pending], override_num_blocks=len(pending))
         # a dead worker fails the stage; a rerun keeps the shards already done (done markers)

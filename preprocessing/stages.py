@@ -162,7 +162,7 @@ def run_samples_stage(out: str, splits: tuple[str, ...], media: MediaConfig, sha
         n_actions = sum(p.pop("n") for p in pending)
         log.info("samples: %d shards to process (%d actions), %d already done", len(pending), n_actions, len(reused))
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # one readable bar below instead of per-operator bars
+        disable_progress_bars(ctx)  # one readable bar below instead of per-operator bars
         ds = ray.data.from_items(pending, override_num_blocks=len(pending))
         ds = ds.map(_process_shard_row, fn_kwargs={"media": media}, num_cpus=1)
         bar = tqdm(total=n_actions, unit="action", desc="samples", disable=not progress, mininterval=1.0)
@@ -253,3 +253,13 @@ def empty_output_warnings(report: dict[str, dict[str, dict]], out: str) -> list[
         lines += [f"{stage} wrote 0 {OUTPUT_UNITS[stage]} for {', '.join(splits)}: {cause}"
                   for cause, splits in splits_by_cause.items()]
     return lines
+
+
+RAY_DATA_PROGRESS_LOGGER = "ray.data._internal.progress"
+
+
+def disable_progress_bars(ctx) -> None:
+    """Turn Ray Data's own progress bars off in ``ctx`` (a ``DataContext``), without its warning that
+    says how to turn them on again (once per process: once per stage of a run)."""
+    ctx.enable_progress_bars = False
+    logging.getLogger(RAY_DATA_PROGRESS_LOGGER).setLevel(logging.ERROR)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,31 @@ def synth_data(tmp_path_factory, ray_local) -> Path:
     generate(str(tree), videos=3, actions_per_video=4, seed=0, workers=1)
     assert preprocess.main([*preprocess_source_args(tree), "--out", str(out), "--no-progress"]) == 0
     return out
+
+
+# ---- what an operator reads: repeated and error-level lines of a run's output -------------------
+MAX_REPEATS = 2  # the two training workers may each print the same line once
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+RAY_PROCESS_PREFIX = re.compile(r"^\(\w+ pid=\d+(?:, ip=[\d.]+)?\)\s*")  # "(RayTrainWorker pid=12) " of log_to_driver
+TIMESTAMPS = re.compile(r"^\[?\d{4}[-/]\d\d[-/]\d\d[ T][\d:,.]+(?: [A-Z] \d+ \d+\])?\s*")
+RAY_CPP_ERROR = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,.]+ E \d+ \d+\]")
+ERROR_WORD = re.compile(r"\bERROR\b")
+PROGRESS_LINE = re.compile(r"^\[train\] step \d+/\d+ ")
+
+
+def message(line: str) -> str:
+    """A line of the combined output without colours, Ray's process prefix and timestamps: what
+    repeats when the same message is printed again."""
+    line = RAY_PROCESS_PREFIX.sub("", ANSI_ESCAPE.sub("", line).strip())
+    return TIMESTAMPS.sub("", line)
+TQDM_LINE = re.compile(r"\d+%\|")  # a progress bar's redraws
+
+
+def noisy_lines(output: str) -> tuple[dict[str, int], list[str]]:
+    """What an operator should not see in a run's combined output: the messages printed more than
+    :data:`MAX_REPEATS` times (progress lines and blank lines aside) and the error-level lines."""
+    lines = [message(line) for line in output.splitlines() if line.strip()]
+    counted = Counter(line for line in lines if line and not PROGRESS_LINE.match(line) and not TQDM_LINE.search(line))
+    repeated = {line: n for line, n in counted.items() if n > MAX_REPEATS}
+    errors = [line for line in output.splitlines() if RAY_CPP_ERROR.search(line) or ERROR_WORD.search(line)]
+    return repeated, errors

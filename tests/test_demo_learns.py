@@ -5,7 +5,8 @@ Runs the real demo (SynthKitchens 48 videos -> preprocess -> feature cache -> ti
 temporary directory with its own MLflow database, then checks the numbers the demo printed and
 logged. The thresholds are the acceptance criteria of the demo, not properties of the code:
 on both tasks the model's ADE is at most 0.8x the constant-velocity baseline's, and answering
-another clip's question is at least 1.2x worse than answering the clip's own.
+another clip's question is at least 1.2x worse than answering the clip's own. Its whole output
+repeats no message more than twice (progress lines aside) and has no error-level line.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import REPO_ROOT, isolated_env
+from conftest import REPO_ROOT, isolated_env, noisy_lines
 
 RUN = "demo-learns"
 MAX_ADE_OVER_CV = 0.8
@@ -35,6 +36,9 @@ def test_make_demo_learns_the_task_and_reads_the_question(tmp_path):
          f"DEMO_MODELS={tmp_path / 'models'}", f"DEMO_CHECKPOINTS={tmp_path / 'ray_results'}"],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1400)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    # the operator's view: no message more than twice (progress aside), nothing at error level
+    repeated, errors = noisy_lines(result.stdout + "\n" + result.stderr)
+    assert not repeated and not errors, (repeated, errors)
 
     summary = json.loads((demo_dir / "data" / "eval" / f"{RUN}-eval" / "metrics.json").read_text())
     metrics = summary["metrics"]

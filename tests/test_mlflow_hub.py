@@ -28,7 +28,7 @@ def mlflow_uri(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv(tracking.SYSTEM_METRICS_INTERVAL_ENV, "1")  # a short run still gets samples
+    monkeypatch.setenv(tracking.SYSTEM_METRICS_INTERVAL_ENV, "0.2")  # a short run still gets samples
     return uri
 
 
@@ -52,8 +52,11 @@ def test_validation_leaves_training_untouched_and_is_deterministic(synth_data):
     assert 0.0 <= first["val/vhp/coverage"] <= 1.0 and math.isfinite(first["val/vhp/ade"])
 
 
-def test_training_validates_registers_and_evaluates_from_the_registry(synth_data, tmp_path, mlflow_uri):
+def test_training_validates_registers_and_evaluates_from_the_registry(synth_data, tmp_path, mlflow_uri, monkeypatch):
     from handsonvlm.inference import ModelLoadError
+
+    # a 4-step run trains for about a second: sample system metrics every 0.2 s, not every 10 s (the default)
+    monkeypatch.setenv(tracking.SYSTEM_METRICS_INTERVAL_ENV, "0.2")
 
     name = f"hub-{uuid.uuid4().hex[:8]}"
     assert train.main(["--config", "tiny", "--data", str(synth_data), "--run-name", name, "--max-steps", "4",

@@ -8,14 +8,13 @@ and ``--strict`` turns that into exit status 1.
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 import uuid
 from collections import Counter
 
 import pytest
-from conftest import REPO_ROOT, isolated_env
+from conftest import ERROR_WORD, MAX_REPEATS, PROGRESS_LINE, RAY_CPP_ERROR, REPO_ROOT, isolated_env, message
 
 from pipelines import preprocess, train
 from preprocessing import layout
@@ -25,22 +24,6 @@ pytestmark = pytest.mark.ray
 
 TRAIN_STEPS = 4
 TRAIN_TIMEOUT_S = 300  # a safety net: the run takes 1.5-2 minutes on 2 busy CPUs
-MAX_REPEATS = 2  # the two training workers may each print the same line once
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
-RAY_PROCESS_PREFIX = re.compile(r"^\(\w+ pid=\d+(?:, ip=[\d.]+)?\)\s*")  # "(RayTrainWorker pid=12) " of log_to_driver
-TIMESTAMPS = re.compile(r"^\[?\d{4}[-/]\d\d[-/]\d\d[ T][\d:,.]+(?: [A-Z] \d+ \d+\])?\s*")
-RAY_CPP_ERROR = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,.]+ E \d+ \d+\]")
-ERROR_WORD = re.compile(r"\bERROR\b")
-PROGRESS_LINE = re.compile(r"^\[train\] step \d+/\d+ ")
-
-
-def message(line: str) -> str:
-    """A line of the combined output without colours, Ray's process prefix and timestamps: what
-    repeats when the same message is printed again."""
-    line = RAY_PROCESS_PREFIX.sub("", ANSI_ESCAPE.sub("", line).strip())
-    return TIMESTAMPS.sub("", line)
-
-
 def test_a_short_training_prints_each_line_once_and_no_error(synth_data, tmp_path):
     run_name = f"quiet-{uuid.uuid4().hex[:8]}"
     storage = tmp_path / "ray_results"
