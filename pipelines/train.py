@@ -232,11 +232,11 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
     val = plan_validation(data, train)
     plan["validation"] = val["rows"] if val else None
     # On a connected cluster an autoscaler may still add the GPU nodes (the GPU groups start at 0 nodes).
-    use_gpu = resolve_use_gpu(train["device"], ray.cluster_resources().get("GPU", 0), train["num_workers"],
-                              can_autoscale=not LOCAL_RAY["started"])
-    if use_gpu and ray.cluster_resources().get("GPU", 0) < train["num_workers"]:
-        print(f"[train] waiting for {train['num_workers']} GPUs (the cluster has "
-              f"{ray.cluster_resources().get('GPU', 0):g} now; its autoscaler adds GPU nodes)", flush=True)
+    gpus_now = ray.cluster_resources().get("GPU", 0)
+    use_gpu = resolve_use_gpu(train["device"], gpus_now, train["num_workers"], can_autoscale=not LOCAL_RAY["started"])
+    if use_gpu and gpus_now < train["num_workers"]:
+        print(f"[train] waiting for {train['num_workers']} GPUs (the cluster has {gpus_now:g} now; its autoscaler "
+              "adds GPU nodes)", flush=True)
     export_path = export_path_for(train["export_dir"], run_name)
 
     mlflow_client, run_id = None, None

@@ -33,7 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from handsonvlm.mixture import EpochDraws, drawn_rows
+from handsonvlm.mixture import EpochDraws, dataset_of, drawn_rows
 from preprocessing import layout, storage
 
 TRAIN_COLUMNS = ["sample_id", "narration", "narration_paraphrases", "noun", "rbhp_questions",
@@ -141,6 +141,7 @@ class RowStore:
 
     def __init__(self, plan: Mapping, cache_bytes: int, columns: Sequence[str] = TRAIN_COLUMNS):
         self.files, self.columns = plan["files"], list(columns)
+        self.resolved = [storage.resolve(uri) for uri in self.files]  # (filesystem, path): made once, not per read
         self.clip_file = np.asarray(plan["clip_file"], dtype=np.int64)
         self.clip_row = np.asarray(plan["clip_row"], dtype=np.int64)
         self.group_starts = [np.cumsum([0, *sizes]) for sizes in plan["row_groups"]]
@@ -150,7 +151,7 @@ class RowStore:
     def _group(self, file: int, group: int) -> pa.Table:
         def load() -> pa.Table:
             self.reads += 1
-            fs, path = storage.resolve(self.files[file])
+            fs, path = self.resolved[file]
             with fs.open_input_file(path) as handle:
                 return pq.ParquetFile(handle).read_row_group(group, columns=self.columns)
         return self.cache.get((file, group), load)
@@ -165,7 +166,7 @@ class RowStore:
             wanted.setdefault((f, g), []).append((i, r - int(self.group_starts[f][g])))
         for (f, g), places in sorted(wanted.items()):
             table = self._group(f, g).take(pa.array([r for _, r in places]))
-            _, path = storage.resolve(self.files[f])
+            path = self.resolved[f][1]
             for (i, _), row in zip(places, table.to_pylist()):
                 out[i] = {**row, PATH_COLUMN: path}
         return out  # type: ignore[return-value]
@@ -302,8 +303,6 @@ def describe_plan(plan: Mapping, mixture, epochs: int, max_steps: int | None) ->
     counted per task (``samples_per_task``) and per dataset (``samples_per_source``), each task's
     pool and share, and ``batch_distinct_videos_mean``: the mean number of distinct videos (sample
     shards) in a rank's micro-batch over epoch 0."""
-    from handsonvlm.mixture import dataset_of
-
     pools = plan_pools(plan)
     world, micro_batch, accumulation = plan["world_size"], plan["micro_batch"], plan["accumulation"]
     per_step = world * micro_batch * accumulation
