@@ -273,9 +273,7 @@ class HandsOnVLM(nn.Module):
         seq = self.embed_inputs(input_ids, attention_mask, visual, future_hands, labels)
         hidden = self.lm.model(inputs_embeds=seq["inputs_embeds"], attention_mask=seq["attention_mask"],
                                position_ids=seq["position_ids"], use_cache=False).last_hidden_state
-        logits = self.lm.lm_head(hidden)
-        text_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), seq["labels"][:, 1:].flatten(),
-                                    ignore_index=IGNORE_INDEX)
+        text_loss = self.text_loss(hidden, seq["labels"])
         n_points = future_hands.shape[2]
         states, found = self.hand_states(hidden, seq["ids"], n_points)
         # A hand without all its hand tokens in the text cannot be supervised (LITA samples have none).
@@ -286,6 +284,19 @@ class HandsOnVLM(nn.Module):
         loss = text_loss + self.cfg.hoi_lambda * (decoded["recon"] + self.cfg.lambda_kl * decoded["kl"])
         return {"loss": loss, "text_loss": text_loss.detach(), "traj_loss": decoded["recon"].detach(),
                 "kl_loss": decoded["kl"].detach(), "pred": decoded["pred"], "hand_found": found}
+
+    def text_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy over the supervised positions (fp32), from hidden [B, L', D] and
+        labels [B, L'] (``IGNORE_INDEX`` where there is no loss).
+
+        ``lm_head`` runs only on the N positions whose next token is supervised (the answers): the visual
+        tokens (356 per clip at 7B) and the prompt never get a [V]-wide logit row, which at a 32k
+        vocabulary is most of the activation memory of a batch. The value is that of the cross-entropy over
+        every position with ``ignore_index`` (the same rows, the same mean over N)."""
+        targets = labels[:, 1:]  # [B, L' - 1]: position p predicts token p + 1
+        supervised = targets != IGNORE_INDEX
+        logits = self.lm.lm_head(hidden[:, :-1][supervised])  # [N, V]
+        return F.cross_entropy(logits.float(), targets[supervised])
 
     # ------------------------------------------------------------------ persistence
     def save_pretrained(self, directory: str | Path) -> None:
