@@ -40,6 +40,7 @@ LR_SCHEDULES = ("cosine", "constant")
 FEATURE_CACHE_MODES = ("auto", "on", "off")
 DEVICES = ("auto", "cuda", "cpu")  # train.device
 PLACEMENTS = ("pack", "spread")  # train.placement: Ray Train's PACK or SPREAD placement of the workers
+DEFAULT_PG_TIMEOUT_S = 1800  # train.pg_timeout_s: Ray Train's own default (TorchConfig.timeout_s)
 RELEASE_MAX_NEW_TOKENS = 100  # the release's answer length limit (handsonvlm_inference.py)
 RELEASE_TOP_K = 50  # HF generate's default top-k, which the release's sampling got on top of top-p
 CORRECTED_MAX_NEW_TOKENS = 64  # four hand tokens and their answer text fit
@@ -254,6 +255,18 @@ class TrainConfig(ConfigSection):
     val_split: str = "validation"
     # The MLflow registered model a finished run's export becomes a version of; None: no registration.
     register_model: str | None = "handsonvlm"
+    # Timeout of every torch.distributed collective (Ray Train's TorchConfig(timeout_s=...); the default is
+    # Ray's): a collective stuck longer fails the worker group, which then restarts from the last checkpoint
+    # (docs/CLUSTER.md, "Networking").
+    pg_timeout_s: int = field(default=DEFAULT_PG_TIMEOUT_S, metadata={
+        "help": "seconds before a stuck collective (NCCL/gloo) fails the run"})
+    # ZeRO++ hpZ: a secondary copy of the ZeRO-3 weight partition within groups of this many ranks (the GPUs
+    # of one node), so that the forward/backward all-gathers stay on the node's NVLink; null or 1: off.
+    zero_hpz_partition_size: int | None = field(default=None, metadata={
+        "help": "ZeRO++ hpZ group size (GPUs per node; ZeRO-3 only; null/1: off)"})
+    # ZeRO++ qwZ / qgZ: int8-quantized weight all-gathers / gradient reduce-scatters (ZeRO-3 only; lossy).
+    zero_quantized_weights: bool = False
+    zero_quantized_gradients: bool = False
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -273,6 +286,31 @@ class TrainConfig(ConfigSection):
             raise ValueError(f"train.samples_per_epoch must be >= 1 (or null), got {self.samples_per_epoch}")
         if self.row_cache_mb < 0:
             raise ValueError(f"train.row_cache_mb must be >= 0, got {self.row_cache_mb}")
+        if isinstance(self.pg_timeout_s, bool) or not isinstance(self.pg_timeout_s, int) or self.pg_timeout_s < 1:
+            raise ValueError(f"train.pg_timeout_s must be an integer >= 1 (seconds), got {self.pg_timeout_s!r}")
+        self._check_zero_plus_plus()
+
+    def _check_zero_plus_plus(self) -> None:
+        """ZeRO++ exists for ZeRO-3 only; hpZ groups must tile the world (DeepSpeed asserts it later, deep in
+        the engine's set-up on every rank)."""
+        hpz = self.zero_hpz_partition_size
+        if hpz is not None and (isinstance(hpz, bool) or not isinstance(hpz, int) or hpz < 1):
+            raise ValueError(f"train.zero_hpz_partition_size must be an integer >= 1 (or null: off), got {hpz!r}")
+        for name in ("zero_quantized_weights", "zero_quantized_gradients"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
+        quantized = [name for name in ("zero_quantized_weights", "zero_quantized_gradients") if getattr(self, name)]
+        on = ([f"zero_hpz_partition_size={hpz}"] if self.hpz_enabled else []) + [f"{name}=true" for name in quantized]
+        if on and self.zero_stage != 3:
+            raise ValueError(f"train.{', train.'.join(on)}: ZeRO++ needs train.zero_stage=3, got {self.zero_stage}")
+        if self.hpz_enabled and (hpz >= self.num_workers or self.num_workers % hpz):
+            raise ValueError(f"train.zero_hpz_partition_size={hpz} must divide train.num_workers={self.num_workers} "
+                             "and be smaller (the GPUs of one node, e.g. 8 for 16 workers on two 8-GPU nodes); null "
+                             "or 1 turns hpZ off")
+
+    @property
+    def hpz_enabled(self) -> bool:
+        return (self.zero_hpz_partition_size or 1) > 1
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -37,7 +37,9 @@ from handsonvlm.config import (
     load_preset,
     section_overrides,
 )
+from handsonvlm.memory import estimate_training_memory
 from handsonvlm.mixture import Mixture
+from handsonvlm.networking import nccl_env
 from handsonvlm.templates import TemplatesFileMissing, templates_for
 from pipelines import tracking
 from pipelines.common import (
@@ -62,6 +64,21 @@ TRAIN_FLAGS = ("data", "max_steps", "num_workers", "zero_stage")  # --data, --ma
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 # train.placement -> Ray Train's placement strategy of the workers' placement group
 PLACEMENT_STRATEGIES = {"pack": "PACK", "spread": "SPREAD"}
+
+
+def worker_env_vars(use_gpu: bool, environ=None) -> dict[str, str]:
+    """The Ray Train workers' environment variables: the print patch off, DeepSpeed's accelerator following
+    the device and, on GPUs, the NCCL/EFA defaults of :data:`handsonvlm.networking.NCCL_ENV_DEFAULTS`, each
+    kept at its value where this driver's environment (``environ``, default ``os.environ``) sets it."""
+    env = {**WORKER_ENV, "DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}
+    return {**env, **nccl_env(environ)} if use_gpu else env
+
+
+def torch_config_for(train: dict, use_gpu: bool):
+    """Ray Train's TorchConfig: NCCL on GPUs, gloo on CPUs, ``train.pg_timeout_s`` for every collective."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend=backend_for(use_gpu), timeout_s=train["pg_timeout_s"])
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -135,6 +152,13 @@ def dry_run(config: dict) -> dict:
     for key, path in weights.items():
         if path and not Path(path).exists():
             warnings.append(f"{key} {path} does not exist here (the run needs it on every worker)")
+    report["pg_timeout_s"] = train["pg_timeout_s"]
+    try:
+        report["memory_per_gpu_gib"] = estimate_training_memory(ModelConfig.from_dict(model),
+                                                                TrainConfig.from_dict(train))
+    except FileNotFoundError as exc:  # a pretrained directory that is neither here nor a known architecture
+        report["memory_per_gpu_gib"] = None
+        warnings.append(f"no memory estimate: {exc}")
     report["warnings"] = warnings
     return report
 
@@ -216,7 +240,7 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
     Used by this CLI and by each Tune trial (pipelines/tune.py)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     from pipelines.train_worker import train_loop_per_worker  # torch, the model: where training runs
 
@@ -270,12 +294,11 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
         scaling_config=ScalingConfig(num_workers=train["num_workers"], use_gpu=use_gpu,
                                      resources_per_worker={"CPU": train["cpus_per_worker"]},
                                      placement_strategy=PLACEMENT_STRATEGIES[train["placement"]]),
-        torch_config=TorchConfig(backend=backend_for(use_gpu)),
+        torch_config=torch_config_for(train, use_gpu),
         run_config=RunConfig(name=run_name, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=train["keep_checkpoints"]),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             worker_runtime_env={"env_vars": {**WORKER_ENV,
-                                                              "DS_ACCELERATOR": "cuda" if use_gpu else "cpu"}}),
+                             worker_runtime_env={"env_vars": worker_env_vars(use_gpu)}),
     )
     ok, result, model_uri = False, None, None
     try:

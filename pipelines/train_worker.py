@@ -31,6 +31,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from handsonvlm import networking
 from handsonvlm.config import CONFIG_DIR, ModelConfig, TrainConfig
 from handsonvlm.inference import enable_tf32
 from handsonvlm.templates import TemplateSet
@@ -67,12 +68,22 @@ MIN_WINDOW_S = 1e-9  # a log window's duration floor: the first window may end w
 
 
 def deepspeed_config(zero_stage: int, micro_batch: int, accumulation: int, world_size: int, bf16: bool,
-                     max_grad_norm: float) -> dict:
-    """configs/deepspeed/zero{2,3}.json with the run's batch sizes and precision filled in."""
+                     max_grad_norm: float, hpz_partition_size: int | None = None, quantized_weights: bool = False,
+                     quantized_gradients: bool = False) -> dict:
+    """configs/deepspeed/zero{2,3}.json with the run's batch sizes and precision filled in, and ZeRO++
+    (ZeRO-3 only, validated by TrainConfig): ``hpz_partition_size`` > 1 keeps a secondary weight partition
+    within groups of that many ranks (hpZ); the quantized flags turn on qwZ / qgZ."""
     ds = json.loads((CONFIG_DIR / "deepspeed" / f"zero{zero_stage}.json").read_text())
     ds.update({"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": accumulation,
                "train_batch_size": micro_batch * accumulation * world_size, "gradient_clipping": max_grad_norm,
                "bf16": {"enabled": bf16}, "fp16": {"enabled": False}})
+    zero_plus_plus = {"zero_hpz_partition_size": hpz_partition_size or 1, "zero_quantized_weights": quantized_weights,
+                      "zero_quantized_gradients": quantized_gradients}
+    if zero_stage == 3:
+        ds["zero_optimization"].update(zero_plus_plus)
+    elif zero_plus_plus != {"zero_hpz_partition_size": 1, "zero_quantized_weights": False,
+                            "zero_quantized_gradients": False}:
+        raise ValueError(f"ZeRO++ ({zero_plus_plus}) needs ZeRO stage 3, got stage {zero_stage}")
     return ds
 
 
@@ -180,8 +191,12 @@ class TrainRecipe:
                                              and torch.cuda.is_bf16_supported())
         resolve_attn_implementation(self.model_cfg, self.use_cuda)
         enable_tf32()  # the release trains with --tf32 True; a no-op without CUDA
+        networking.set_subgroup_timeout(train.pg_timeout_s)  # DeepSpeed's own groups (hpZ's) time out as the world's
+        networking.check_hpz_placement(train.zero_hpz_partition_size, ray.train.get_context().get_local_world_size(),
+                                       self.world)
         ds_config = deepspeed_config(train.zero_stage, train.micro_batch_size, train.gradient_accumulation_steps,
-                                     self.world, bf16, train.max_grad_norm)
+                                     self.world, bf16, train.max_grad_norm, train.zero_hpz_partition_size,
+                                     train.zero_quantized_weights, train.zero_quantized_gradients)
         # ZeRO-3: the model's parameters are partitioned over the ranks as they are created, so no rank ever
         # holds the whole model (docs/CLUSTER.md, "5. Scaling"); ZeRO-2 keeps a whole copy on every rank anyway
         init = Zero3Init(ds_config) if train.zero_stage == 3 else None
