@@ -38,7 +38,8 @@ ZERO_STAGES = (2, 3)
 PRECISIONS = ("auto", "bf16", "fp32")
 LR_SCHEDULES = ("cosine", "constant")
 FEATURE_CACHE_MODES = ("auto", "on", "off")
-DEVICES = ("auto", "cuda", "cpu")  # train.device
+DEVICES = ("auto", "cuda", "cpu")  # train.device, eval.device
+LOG_MODEL_MODES = ("auto", "uri", "upload")  # train.log_model: how MLflow records the export
 PLACEMENTS = ("pack", "spread")  # train.placement: Ray Train's PACK or SPREAD placement of the workers
 DEFAULT_PG_TIMEOUT_S = 1800  # train.pg_timeout_s: Ray Train's own default (TorchConfig.timeout_s)
 RELEASE_MAX_NEW_TOKENS = 100  # the release's answer length limit (handsonvlm_inference.py)
@@ -241,7 +242,16 @@ class TrainConfig(ConfigSection):
     row_cache_mb: int = 1024
     rephrase_rate: float = 0.5
     feature_cache: str = "auto"  # auto: use OUT/features/<vision key> when present
-    export_dir: str = "runs/models"
+    # auto: runs/models under a Ray this command started with local storage (the demo), else beside the
+    # checkpoints, <storage>/<run-name>/export (a cluster: storage is shared or a URI); or a folder/URI
+    export_dir: str = "auto"
+    # How MLflow records the export: upload (the run's model artifact, streamed through the tracking
+    # server), uri (the export's URI as the tag model_uri and the registered version's source), auto
+    # (upload when the export is local and small, else uri: pipelines/train.py AUTO_UPLOAD_MAX_BYTES)
+    log_model: str = field(default="auto", metadata={"choices": LOG_MODEL_MODES, "help": "auto, uri or upload"})
+    # Local folder (NVMe) where every rank writes its checkpoint shards before the asynchronous upload,
+    # and where a resume copies its own shards to; None: the system temp dir (docs/RELIABILITY.md)
+    checkpoint_staging_dir: str | None = None
     # auto: GPUs when the Ray cluster has one per worker right now, else CPU; cuda: always request GPUs
     # (an autoscaler may add them; a local Ray without them fails at once); cpu: never use GPUs.
     device: str = field(default="auto", metadata={"choices": DEVICES, "help": "auto, cuda or cpu"})
@@ -280,6 +290,7 @@ class TrainConfig(ConfigSection):
         _check_choice("train", "feature_cache", self.feature_cache, FEATURE_CACHE_MODES)
         _check_choice("train", "placement", self.placement, PLACEMENTS)
         _check_choice("train", "device", self.device, DEVICES)
+        _check_choice("train", "log_model", self.log_model, LOG_MODEL_MODES)
         if min(self.num_workers, self.micro_batch_size, self.gradient_accumulation_steps, self.epochs) < 1:
             raise ValueError("train.num_workers, micro_batch_size, gradient_accumulation_steps and epochs must be >= 1")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:

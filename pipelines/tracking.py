@@ -31,6 +31,8 @@ SECRET_WORDS = ("token", "password", "secret", "api_key", "apikey", "credential"
 RESTARTS_METRIC = "train/restarts"
 WORKER_NODES_TAG = "worker_nodes"  # the Ray node ids the training workers ran on (sorted, comma-separated)
 MODEL_ARTIFACT = "model"  # the training run's artifact folder of the exported model
+MODEL_URI_TAG = "model_uri"  # the training run's tag: where its export is (a folder or URI)
+MAX_TAG_LENGTH = 5000  # of a tag value we write (MLflow's limit is 8,000 characters)
 # where resolve_model downloads models; on a cluster a shared path, so that actors on other nodes read it
 MODEL_CACHE_ENV, DEFAULT_MODEL_CACHE = "HANDSONVLM_MODEL_CACHE", Path("runs") / "model_cache"
 MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[^/]+)|@(?P<alias>[^/]+))/?$")
@@ -162,9 +164,13 @@ def log_shards(mlflow_client, run_id: str, context: str, name: str, source: str,
     mlflow_client.log_inputs(run_id, [DatasetInput(dataset, tags)])
 
 
-def register_model(mlflow_client, run_id: str, name: str) -> str:
-    """The version of registered model ``name`` made from this run's ``model`` artifact: a new one,
-    or the one already made (a resumed run re-logs the same artifact path). Returns the version."""
+def register_model(mlflow_client, run_id: str, name: str, source: str | None = None) -> str:
+    """The version of registered model ``name`` made from this run's ``model`` artifact, or from
+    ``source`` (the export's own folder or URI, for an export not uploaded to MLflow): a new one, or
+    the one already made (a resumed run re-logs the same export). Returns the version.
+
+    A tracking server accepts a local ``source`` only inside the run's artifact directory: register an
+    export on object storage (``s3://...``) there, or upload it."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -175,7 +181,7 @@ def register_model(mlflow_client, run_id: str, name: str) -> str:
     made = mlflow_client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     if made:
         return str(max(int(v.version) for v in made))
-    source = f"{mlflow_client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
+    source = source or f"{mlflow_client.get_run(run_id).info.artifact_uri.rstrip('/')}/{MODEL_ARTIFACT}"
     return str(mlflow_client.create_model_version(name, source, run_id=run_id).version)
 
 

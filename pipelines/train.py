@@ -9,9 +9,14 @@ without loading weights or starting Ray: what to check before spending GPU hours
 
 Locally it starts a Ray of its own; on a cluster the same command runs under
 ``ray job submit --working-dir . -- python pipelines/train.py ...``. Re-running with the same
-``--run-name`` resumes from the last checkpoint (and continues the same MLflow run). The model is
-exported to ``<train.export_dir>/<run-name>/`` (safetensors + config + tokenizer), logged as the run's
-``model`` artifact and registered as a version of ``train.register_model`` (``models:/handsonvlm/N``).
+``--run-name`` resumes from the last checkpoint (and continues the same MLflow run; a checkpoint of
+another world size or ZeRO stage stops it at once, exit 2). The model is exported (safetensors +
+config + tokenizer) to ``<train.export_dir>/<run-name>/``; with ``export_dir: auto`` that is
+``runs/models/<run-name>`` under a Ray this command started, else ``<storage>/<run-name>/export``
+beside the checkpoints. MLflow records it by ``train.log_model``: the run's ``model`` artifact
+(upload) or its URI (tag ``model_uri``), and it becomes a version of ``train.register_model``
+(``models:/handsonvlm/N``). A failure after training (upload, registry) ends the MLflow run FAILED
+with the tag ``error`` and the job with exit code 1 and the same message.
 At every checkpoint a few ``train.val_split`` clips are answered greedily: ``val/<task>/*`` metrics.
 """
 
@@ -28,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a bare checkout / job working_dir
 
 
-from handsonvlm import validation
+from handsonvlm import checkpoints, validation
 from handsonvlm.config import (
     DataConfig,
     ModelConfig,
@@ -62,6 +67,13 @@ TRAIN_FLAGS = ("data", "max_steps", "num_workers", "zero_stage")  # --data, --ma
 # sys.stdout is not sys.__stdout__, and in a Ray worker it never is (Ray wraps it): every line a worker
 # printed (progress, DeepSpeed's) reached the driver twice. Without the patch a print is a print.
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+AUTO = "auto"  # train.export_dir / train.log_model: decided here, by where the run's storage is
+LOCAL_EXPORT_DIR = "runs/models"  # export_dir auto under a Ray this command started with local storage
+EXPORT_SUBDIR = "export"  # export_dir auto on a cluster: <storage>/<run-name>/export, beside the checkpoints
+# log_model auto streams an export through the tracking server only when it is local and at most this big
+# (the tiny presets' few MB; a 7B export is ~14 GB, which a 2 CPU / 4 GiB proxy with a 120 s timeout drops)
+AUTO_UPLOAD_MAX_BYTES = 1 << 30
+ERROR_TAG = "error"  # the MLflow run's tag saying what failed after training
 # train.placement -> Ray Train's placement strategy of the workers' placement group
 PLACEMENT_STRATEGIES = {"pack": "PACK", "spread": "SPREAD"}
 
@@ -163,9 +175,18 @@ def dry_run(config: dict) -> dict:
     return report
 
 
-def export_path_for(export_dir: str, run_name: str) -> str:
+def export_path_for(export_dir: str, run_name: str, storage_path: str = DEFAULT_STORAGE,
+                    on_cluster: bool = False) -> str:
     """``<export_dir>/<run_name>``: a local folder made absolute, or a URI (``s3://...``; rank 0 writes
-    the export to a temporary folder and uploads it, see ``preprocessing.storage.write_dir``)."""
+    the export to a temporary folder and uploads it, see ``preprocessing.storage.write_dir``).
+
+    ``export_dir`` auto: ``<storage_path>/<run_name>/export`` beside the checkpoints when the storage
+    is a URI or the run is ``on_cluster`` (a Ray this command connected to: its storage is shared by
+    the nodes, a node-local folder is not), else ``runs/models/<run_name>`` (the local demo)."""
+    if export_dir == AUTO:
+        if on_cluster or not storage.is_local(storage_path):
+            return storage.join(absolute_uri(storage_path), run_name, EXPORT_SUBDIR)
+        export_dir = LOCAL_EXPORT_DIR
     return storage.join(absolute_uri(export_dir), run_name)
 
 
@@ -198,10 +219,11 @@ def log_inputs(mlflow_client, run_id: str, data: str, train: dict, plan: dict, v
                             val["source"], val["files"], extra=tuple(val["sample_ids"]), rows=len(val["rows"]))
 
 
-def register(mlflow_client, run_id: str, name: str) -> str | None:
-    """The export as a version of registered model ``name``: its ``models:/`` URI, None on failure."""
+def register(mlflow_client, run_id: str, name: str, source: str | None = None) -> str | None:
+    """The export as a version of registered model ``name`` (made from the run's ``model`` artifact, or
+    from ``source``, the export's URI): its ``models:/`` URI, None on failure."""
     try:
-        uri = f"models:/{name}/{tracking.register_model(mlflow_client, run_id, name)}"
+        uri = f"models:/{name}/{tracking.register_model(mlflow_client, run_id, name, source)}"
     except Exception as exc:  # a registry that is missing or down must not fail a finished training
         print(f"[train] model registry: could not register {name}: {exc}", flush=True)
         return None
@@ -210,26 +232,97 @@ def register(mlflow_client, run_id: str, name: str) -> str | None:
     return uri
 
 
-def log_export(mlflow_client, run_id: str, export_path: str) -> bool:
-    """The export as the run's ``model`` artifact (an export on object storage is downloaded for it
-    first); False when there is no export."""
+def export_bytes(export_path: str) -> int:
+    """Total size of the files of the export folder (local or URI)."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(export_path)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sum(i.size for i in infos if i.type == pafs.FileType.File)
+
+
+def log_model_mode(log_model: str, export_path: str) -> str:
+    """``train.log_model`` made concrete: auto is upload for a local export of at most
+    :data:`AUTO_UPLOAD_MAX_BYTES`, else uri."""
+    if log_model != AUTO:
+        return log_model
+    small = storage.is_local(export_path) and export_bytes(export_path) <= AUTO_UPLOAD_MAX_BYTES
+    return "upload" if small else "uri"
+
+
+def log_export(mlflow_client, run_id: str, export_path: str, log_model: str = "upload") -> str | None:
+    """Record the export in the run: always its URI as the tag ``model_uri``; with ``log_model`` upload
+    (or auto, see :func:`log_model_mode`) also its files as the run's ``model`` artifact (an export on
+    object storage is downloaded for it first). Returns the mode used, None when there is no export."""
     if not storage.exists(export_path):
-        return False
-    with storage.local_dir(export_path) as local:
-        mlflow_client.log_artifacts(run_id, local, artifact_path=tracking.MODEL_ARTIFACT)
-    return True
+        return None
+    mode = log_model_mode(log_model, export_path)
+    mlflow_client.set_tag(run_id, tracking.MODEL_URI_TAG, export_path)
+    if mode == "upload":
+        with storage.local_dir(export_path) as local:
+            mlflow_client.log_artifacts(run_id, local, artifact_path=tracking.MODEL_ARTIFACT)
+    return mode
 
 
-def previous_run_step(storage_path: str, run_name: str) -> int | None:
-    """The step of the last checkpoint an earlier run named ``run_name`` left under ``storage_path``
-    (what a run of that name resumes from); None when there is no such run or checkpoint."""
+def publish_and_finish(mlflow_client, run_id: str, trained: bool, export_path: str, train: dict,
+                       error: str | None = None) -> tuple[bool, str | None, str | None]:
+    """The end of a training's MLflow run: after a successful training the export is recorded
+    (:func:`log_export`) and registered, then the run ends FINISHED; FAILED, with the tag ``error``
+    saying what failed, when the training (``error``) or the recording failed. Never raises for a
+    failed upload: the caller's exit code and message come from the returned error.
+
+    Returns (ok, model_uri, error): model_uri is the registered ``models:/NAME/VERSION`` or None."""
+    ok, model_uri = trained, None
+    if trained:
+        try:
+            mlflow_client.set_tag(run_id, "model_path", export_path)
+            mode = log_export(mlflow_client, run_id, export_path, train["log_model"])
+            if mode and train["register_model"]:
+                source = export_path if mode == "uri" else None
+                model_uri = register(mlflow_client, run_id, train["register_model"], source)
+        except Exception as exc:  # the training is done and its export intact: say what failed, where
+            ok = False
+            error = (f"training finished and the model was exported to {export_path}, but recording it in MLflow "
+                     f"failed ({type(exc).__name__}: {exc}); re-run with the same --run-name to record it again, "
+                     "or set train.log_model=uri to record only its URI")
+    if not ok and error:
+        try:
+            mlflow_client.set_tag(run_id, ERROR_TAG, error[:tracking.MAX_TAG_LENGTH])
+        except Exception as exc:  # the tracking server itself is down: the message still reaches the job
+            print(f"[train] MLflow: could not tag the error: {exc}", flush=True)
+    tracking.finish_run(mlflow_client, run_id, ok)
+    return ok, model_uri, error
+
+
+def previous_result(storage_path: str, run_name: str):
+    """Ray Train's result of an earlier run named ``run_name`` under ``storage_path`` (what a run of
+    that name resumes from), None when there is no such run."""
     from ray.train import Result
 
     try:
-        previous = Result.from_path(storage.join(storage_path, run_name))
+        return Result.from_path(storage.join(storage_path, run_name))
     except RuntimeError:  # Ray Train's answer for a missing run directory or checkpoint record
         return None
-    return (previous.metrics or {}).get("step")
+
+
+def previous_run_step(storage_path: str, run_name: str) -> int | None:
+    """The step of the last checkpoint an earlier run named ``run_name`` left under ``storage_path``;
+    None when there is no such run or checkpoint."""
+    previous = previous_result(storage_path, run_name)
+    return (previous.metrics or {}).get("step") if previous else None
+
+
+def check_resumable(storage_path: str, run_name: str, train: dict) -> None:
+    """Raise :class:`handsonvlm.checkpoints.CheckpointMismatch` when the checkpoint a run named
+    ``run_name`` would resume from was written by another world size or ZeRO stage (before any worker
+    starts; the workers check again)."""
+    previous = previous_result(storage_path, run_name)
+    checkpoint = previous.checkpoint if previous else None
+    if checkpoint is None:
+        return
+    layout = checkpoints.read_layout(checkpoint.filesystem, checkpoint.path)
+    checkpoints.check_layout(layout, train["num_workers"], train["zero_stage"],
+                             storage.join(storage_path, run_name, os.path.basename(checkpoint.path)))
 
 
 def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_failures: int = 0,
@@ -261,7 +354,10 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
     if use_gpu and gpus_now < train["num_workers"]:
         print(f"[train] waiting for {train['num_workers']} GPUs (the cluster has {gpus_now:g} now; its autoscaler "
               "adds GPU nodes)", flush=True)
-    export_path = export_path_for(train["export_dir"], run_name)
+    storage = absolute_uri(storage)
+    # before an MLflow run is started or resumed: a checkpoint this run cannot load stops it here
+    check_resumable(storage, run_name, train)
+    export_path = export_path_for(train["export_dir"], run_name, storage, on_cluster=not LOCAL_RAY["started"])
 
     mlflow_client, run_id = None, None
     if use_mlflow:
@@ -281,7 +377,6 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
     loop_config = {**config, "plan": plan, "export_path": export_path, "mlflow": settings if run_id else None,
                    "templates": {**templates.lists(), "source": templates.source}}
 
-    storage = absolute_uri(storage)
     steps = total_steps(plan["steps_per_epoch"], train["epochs"], train["max_steps"])
     done = previous_run_step(storage, run_name)
     if done is not None and done >= steps:
@@ -300,20 +395,20 @@ def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_fail
                              failure_config=FailureConfig(max_failures=max_failures),
                              worker_runtime_env={"env_vars": worker_env_vars(use_gpu)}),
     )
-    ok, result, model_uri = False, None, None
+    ok, result, model_uri, error = False, None, None, None
     try:
         result = trainer.fit()
         ok = result.error is None
-    finally:
+        error = None if ok else f"training failed: {result.error}"
+    except BaseException as exc:
+        error = f"training failed: {type(exc).__name__}: {exc}"
+        raise
+    finally:  # nothing in here raises for a failed upload: the run always ends, FINISHED or FAILED
         if mlflow_client is not None:
-            if ok:
-                mlflow_client.set_tag(run_id, "model_path", export_path)
-                if log_export(mlflow_client, run_id, export_path):
-                    model_uri = register(mlflow_client, run_id, train["register_model"]) \
-                        if train["register_model"] else None
-            tracking.finish_run(mlflow_client, run_id, ok)
+            ok, model_uri, error = publish_and_finish(mlflow_client, run_id, ok, export_path, train, error)
     return {"ok": ok, "metrics": result.metrics if result else None, "export_path": export_path, "run_id": run_id,
-            "checkpoint": result.checkpoint.path if result and result.checkpoint else None, "model_uri": model_uri}
+            "checkpoint": result.checkpoint.path if result and result.checkpoint else None, "model_uri": model_uri,
+            "error": error}
 
 
 def main(argv=None) -> int:
@@ -335,7 +430,13 @@ def main(argv=None) -> int:
             print(f"[train] error: {exc}", file=sys.stderr, flush=True)
             return 2
     init_ray(args.ray_address, args.num_cpus, DEFAULT_OBJECT_STORE_BYTES)
-    out = launch(config, run_name, args.storage, args.max_failures, use_mlflow=not args.no_mlflow)
+    try:
+        out = launch(config, run_name, args.storage, args.max_failures, use_mlflow=not args.no_mlflow)
+    except checkpoints.CheckpointMismatch as exc:
+        print(f"[train] error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if out["error"]:
+        print(f"[train] error: {out['error']}", file=sys.stderr, flush=True)
     print(f"[train] done: {out['metrics']}", flush=True)
     print(f"[train] model: {out['export_path']}", flush=True)
     print(f"[train] checkpoints: {out['checkpoint']}", flush=True)

@@ -31,7 +31,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from handsonvlm import networking
+from handsonvlm import checkpoints, networking
 from handsonvlm.config import CONFIG_DIR, ModelConfig, TrainConfig
 from handsonvlm.inference import enable_tf32
 from handsonvlm.templates import TemplateSet
@@ -57,8 +57,8 @@ from preprocessing.training_data import (
     total_steps,
 )
 
-RANK_STATE = "rank_{rank}_state.pt"
-CKPT_TAG = "ckpt"
+RANK_STATE = checkpoints.RANK_STATE
+CKPT_TAG = checkpoints.DEEPSPEED_TAG
 FAULT_STEP_ENV = "HANDSONVLM_FAULT_KILL_AT_STEP"
 FAULT_MARKER_ENV = "HANDSONVLM_FAULT_MARKER"
 FAULT_POLL_WAIT_S = 1.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0"))
@@ -97,18 +97,13 @@ class Progress:
     samples: int = 0  # over all ranks
 
 
-def save_checkpoint(engine, directory: str, rank: int, progress: Progress, generator: torch.Generator) -> None:
-    engine.save_checkpoint(directory, tag=CKPT_TAG, client_state={"progress": asdict(progress)})
-    torch.save({"progress": asdict(progress), "torch_rng": torch.get_rng_state(), "generator": generator.get_state()},
-               os.path.join(directory, RANK_STATE.format(rank=rank)))
+def save_checkpoint(engine, directory: str, rank: int, progress: Progress, generator: torch.Generator,
+                    world_size: int) -> None:
+    checkpoints.save_rank(engine, directory, rank, asdict(progress), generator, world_size)
 
 
 def load_checkpoint(engine, directory: str, rank: int, generator: torch.Generator) -> Progress:
-    engine.load_checkpoint(directory, tag=CKPT_TAG)
-    saved = torch.load(os.path.join(directory, RANK_STATE.format(rank=rank)), weights_only=True)
-    torch.set_rng_state(saved["torch_rng"])
-    generator.set_state(saved["generator"])
-    return Progress(**saved["progress"])
+    return Progress(**checkpoints.load_rank(engine, directory, rank, generator))
 
 
 StepHook = Callable[["TrainRecipe", int], None]  # called after each optimizer step with the step number
@@ -236,7 +231,7 @@ class TrainRecipe:
             self.logger.log({"eval/fixed_batch_loss": self.fixed_batch_loss()}, 0)
             return
         self.resumed = True
-        with checkpoint.as_directory() as directory:
+        with self.checkpoint_files(checkpoint) as directory:
             self.progress = load_checkpoint(self.engine, directory, self.rank, self.generator)
         p = self.progress
         restored_loss = self.fixed_batch_loss()
@@ -249,6 +244,18 @@ class TrainRecipe:
     def train(self) -> None:
         """Micro-batches from where restore() left off until ``total_steps`` optimizer steps are done."""
         p, train = self.progress, self.train_cfg
+    def staging_dir(self) -> str:
+        """``train.checkpoint_staging_dir`` (made if missing), else the system temp dir."""
+        directory = self.train_cfg.checkpoint_staging_dir or tempfile.gettempdir()
+        os.makedirs(directory, exist_ok=True)
+        return directory
+
+    def checkpoint_files(self, checkpoint: ray.train.Checkpoint):
+        """:func:`handsonvlm.checkpoints.rank_checkpoint_dir` of ``checkpoint`` for this rank, logging ``restore/*``."""
+        return checkpoints.rank_checkpoint_dir(checkpoint.filesystem, checkpoint.path, self.rank,
+                                   ray.train.get_context().get_local_rank(), self.world, self.train_cfg.zero_stage,
+                                   self.staging_dir(), self.logger.log)
+
         per_epoch = micro_batches_per_epoch(self.plan)
         self.start_time, self.start_step, self.start_samples = time.perf_counter(), p.step, p.samples
         self.window_samples, self.window_start = 0, time.perf_counter()
@@ -326,13 +333,17 @@ class TrainRecipe:
         # The upload to the run's storage is asynchronous: training goes on once the local save is done.
         # Ray deletes the directory after the upload, so it must outlive this call (not a TemporaryDirectory,
         # which an async upload finds gone: docs/RELIABILITY.md).
-        directory = tempfile.mkdtemp(prefix=f"ckpt-{p.step}-rank{self.rank}-")
+        # It is made in train.checkpoint_staging_dir: at 7B a rank's shards are ~12 GB (docs/RELIABILITY.md).
+        directory = tempfile.mkdtemp(prefix=f"ckpt-{p.step}-rank{self.rank}-", dir=self.staging_dir())
         start = time.perf_counter()
-        save_checkpoint(self.engine, directory, self.rank, p, self.generator)
+        save_checkpoint(self.engine, directory, self.rank, p, self.generator, self.world)
         dist.barrier()
         saved_s = time.perf_counter() - start
         size = sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
-        self.logger.log({"checkpoint/save_s": saved_s, "checkpoint/rank0_bytes": size}, p.step)
+        total = torch.tensor([size], dtype=torch.int64, device=self.device)
+        dist.all_reduce(total)  # what the upload moves: every rank's files
+        self.logger.log({"checkpoint/save_s": saved_s, "checkpoint/rank0_bytes": size,
+                         "checkpoint/total_bytes": int(total.item())}, p.step)
         report = {**{k.replace("/", "_"): v for k, v in {**self.last_metrics, **val}.items()}, "step": p.step,
                   "epoch": p.epoch, "fixed_batch_loss": loss}
         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(directory),

@@ -5,12 +5,15 @@
 
 The search space file names dotted preset keys and a distribution for each (see
 configs/tune/lr_hoi.yaml). Trials run their TorchTrainer from inside a Tune function trainable
-(Train V2 rejects Tune callbacks on the trainer); the trial's metric is the loss on a fixed batch
-at its last checkpoint (or any ``val_*`` metric of its last validation, e.g. ``val_vhp_ade``).
+(Train V2 rejects Tune callbacks on the trainer). The trial's metric is the validation metric of
+its last checkpoint: by default ``val_vhp_ade``, the VHP ADE on the ``train.val_clips`` clips of
+``train.val_split`` that every checkpoint validates (any ``val_<task>_<metric>`` works, and
+``fixed_batch_loss``, the loss on one fixed training batch, for runs without validation).
 
 In MLflow the sweep is one parent run (tag ``stage=sweep``, the search space as params) with the
 trials' runs nested in it (tag ``mlflow.parentRunId``); at the end the parent gets the tags
-``best_trial_run_id``/``best_metric`` and the metric ``best/<metric>``. Trials register no model.
+``best_trial_run_id``/``best_metric`` and the metric ``best/<metric>``. Trials register no model and
+upload none (``train.log_model=uri``: the run's tag ``model_uri`` says where the trial's export is).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 from handsonvlm.config import TrainConfig, add_section_flags, load_preset, section_overrides
 from pipelines import tracking
 from pipelines.common import DEFAULT_OBJECT_STORE_BYTES, absolute_uri, add_ray_flags, init_ray, setup_logging
-from pipelines.train import DEFAULT_STORAGE, launch, resolve_config
+from pipelines.train import AUTO, DEFAULT_STORAGE, launch, resolve_config
 from preprocessing.storage import is_local
 
 TUNE_FLAGS = ("data", "max_steps")  # --data, --max-steps: train.<name> of every trial
@@ -40,6 +43,8 @@ TRIAL_RESOURCES = {"cpu": 0, "memory": 64 * 1024**2}
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's nesting tag (the UI shows the trials under the sweep)
 VAL_PREFIX = "val_"  # validation metrics in a training's result, reported to Tune with the trial
 NO_REGISTRATION = "train.register_model=null"  # trials are candidates, not models: a --set can turn it on
+NO_UPLOAD = "train.log_model=uri"  # nor is a trial's export streamed through MLflow: its URI is recorded
+DEFAULT_METRIC = "val_vhp_ade"  # the validation ADE of VHP (train.val_clips clips), lower is better
 
 
 def search_space(spec: dict) -> dict:
@@ -59,9 +64,9 @@ def search_space(spec: dict) -> dict:
 
 
 def trial(params: dict, base_overrides: list[str], preset: str, sweep: str, storage: str, tracking_uri: str,
-          parent_run_id: str) -> None:
+          parent_run_id: str, metric: str = DEFAULT_METRIC) -> None:
     """One Tune trial: the preset plus this trial's values, trained (an MLflow run nested in
-    ``parent_run_id``) and reported."""
+    ``parent_run_id``) and reported with its last checkpoint's ``metric``."""
     import ray
     from ray import tune
 
@@ -79,8 +84,12 @@ def trial(params: dict, base_overrides: list[str], preset: str, sweep: str, stor
     out = ray.get(launcher.remote(config, run_name, storage, extra_tags=tags))
     if not out["ok"]:
         raise RuntimeError(f"trial {run_name} failed")
-    tune.report({**{k: v for k, v in out["metrics"].items() if k.startswith(VAL_PREFIX)},
-                 "fixed_batch_loss": out["metrics"]["fixed_batch_loss"], "mlflow_run_id": out["run_id"]})
+    reported = {**{k: v for k, v in out["metrics"].items() if k.startswith(VAL_PREFIX)},
+                "fixed_batch_loss": out["metrics"]["fixed_batch_loss"]}
+    if metric not in reported:
+        raise RuntimeError(f"trial {run_name} has no {metric} (it reported {sorted(reported)}): validation needs "
+                           "train.val_clips > 0 and train.val_split shards; without them use metric: fixed_batch_loss")
+    tune.report({**reported, "mlflow_run_id": out["run_id"]})
 
 
 def main(argv=None) -> int:
@@ -102,11 +111,12 @@ def main(argv=None) -> int:
 
     # Trials run in their own working directories: hand them absolute paths and one tracking URI.
     tracking_uri = tracking.tracking_uri()
-    overrides = [NO_REGISTRATION, *args.set, *section_overrides(args, TrainConfig.section, TUNE_FLAGS)]
+    overrides = [NO_REGISTRATION, NO_UPLOAD, *args.set, *section_overrides(args, TrainConfig.section, TUNE_FLAGS)]
     train_section = load_preset(args.config, overrides).get(TrainConfig.section, {})
     for key in PATH_KEYS:
         value = train_section.get(key)
-        if value and is_local(str(value)):
+        # export_dir auto: each trial's export beside its checkpoints (a trial launches from a Ray task)
+        if value and value != AUTO and is_local(str(value)):
             overrides.append(f"train.{key}={absolute_uri(str(value))}")
     sweep = args.name or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
     storage_path = absolute_uri(args.storage)
@@ -117,9 +127,9 @@ def main(argv=None) -> int:
                                       {"stage": "sweep", "preset": args.config,
                                        "git_commit": tracking.git_commit() or "unknown"})
     print(f"[tune] MLflow parent run {parent_id} at {tracking_uri}", flush=True)
-    trainable = tune.with_parameters(trial, base_overrides=overrides, preset=args.config, sweep=sweep,
+    metric = spec.get("metric", DEFAULT_METRIC)
+    trainable = tune.with_parameters(trial, metric=metric, base_overrides=overrides, preset=args.config, sweep=sweep,
                                      storage=storage_path, tracking_uri=tracking_uri, parent_run_id=parent_id)
-    metric = spec.get("metric", "fixed_batch_loss")
     tuner = tune.Tuner(
         tune.with_resources(trainable, TRIAL_RESOURCES),
         param_space=space,

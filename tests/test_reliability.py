@@ -379,6 +379,69 @@ def test_models_are_saved_as_safetensors_only(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# the end of a good run: a model upload the artifact store refuses
+# ---------------------------------------------------------------------------------------------
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:  # bound, then closed: nothing listens there afterwards
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_refused_model_upload_ends_the_run_failed_and_says_why(tmp_path, monkeypatch):
+    """pipelines/train.publish_and_finish, what the launcher runs after ``fit()``, against an MLflow
+    experiment whose artifact store (S3 through boto3) is an endpoint that refuses connections: the
+    run ends FAILED with the tag ``error`` and the error comes back for the job's message and exit code;
+    with ``train.log_model=uri`` the same export is recorded by its URI and registered from it."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import tracking, train
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for key, value in {"MLFLOW_TRACKING_URI": uri, "MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}",
+                       "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard",
+                       tracking.MODEL_CACHE_ENV: str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(key, value)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("refusing-store", artifact_location="s3://bucket/x")
+    export = tmp_path / "models" / "run-a"
+    export.mkdir(parents=True)
+    (export / "model.safetensors").write_bytes(os.urandom(4096))
+    (export / "config.json").write_text("{}")
+    settings = {"log_model": "auto", "register_model": "handsonvlm"}  # auto: a small local export is uploaded
+
+    run_id = client.create_run(experiment).info.run_id
+    start = time.perf_counter()
+    ok, model_uri, error = train.publish_and_finish(client, run_id, True, str(export), settings)
+    elapsed = time.perf_counter() - start
+    run = client.get_run(run_id)
+    assert not ok and model_uri is None and run.info.status == "FAILED", run.info.status
+    assert run.data.tags[train.ERROR_TAG] == error[:tracking.MAX_TAG_LENGTH]
+    assert "recording it in MLflow failed" in error and str(export) in error and "--run-name" in error
+    assert run.data.tags[tracking.MODEL_URI_TAG] == str(export)  # where the intact export is, on record
+    assert not client.search_registered_models()
+    print(f"refused upload reported in {elapsed:.1f} s: {error[:160]}")
+
+    # a training that failed is FAILED with its own error, and nothing is uploaded
+    failed_id = client.create_run(experiment).info.run_id
+    assert train.publish_and_finish(client, failed_id, False, str(export), settings, "training failed: boom") == (
+        False, None, "training failed: boom")
+    failed = client.get_run(failed_id)
+    assert failed.info.status == "FAILED" and failed.data.tags[train.ERROR_TAG] == "training failed: boom"
+
+    # log_model uri: nothing goes through the refusing store; the version's source is the export itself
+    uri_id = client.create_run(experiment).info.run_id
+    ok, model_uri, error = train.publish_and_finish(client, uri_id, True, str(export), {**settings, "log_model": "uri"})
+    assert ok and error is None and model_uri == "models:/handsonvlm/1"
+    assert client.get_run(uri_id).info.status == "FINISHED"
+    assert client.get_model_version("handsonvlm", "1").source == str(export)
+    resolved = Path(tracking.resolve_model("models:/handsonvlm/1"))
+    assert (resolved / "model.safetensors").read_bytes() == (export / "model.safetensors").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
 # a training worker killed mid-run; no secrets in what the run records
 # ---------------------------------------------------------------------------------------------
 FAULT_STEP, CHECKPOINT_EVERY, MAX_STEPS = 3, 2, 4
