@@ -53,6 +53,8 @@ from preprocessing.window import (
 from synthkitchens.render import render_videos
 from synthkitchens.scene import (
     ACTIVE_REGION_NORM,
+    DEFAULT_LAYOUT,
+    LAYOUTS,
     NOUN_CLASSES,
     QUESTION_PROBS,
     VERB_CLASSES,
@@ -64,7 +66,7 @@ from synthkitchens.scene import (
 )
 
 GENERATOR_NAME = "SynthKitchens"
-GENERATOR_VERSION = "1.1.0"  # 1.1: objects lie near fixed per-class layout spots
+GENERATOR_VERSION = "1.2.0"  # 1.1: objects near fixed per-class spots; 1.2: layout "random" (fitted unchanged)
 METADATA_FILE = "synthkitchens.json"
 
 VIDEOS_PER_PARTICIPANT = 3  # P01_01, P01_02, P01_03, P02_01, ...
@@ -409,7 +411,7 @@ def _clear_previous_output(out: Path) -> None:
 
 def generate(out_dir, videos: int = 24, seed: int = 0, actions_per_video: int = 12, fps: float = 30.0,
              rgb_frames: int = 0, workers: int = 2, *, write_videos: bool = True,
-             rbhp_coverage: float | None = None) -> dict:
+             rbhp_coverage: float | None = None, layout: str = DEFAULT_LAYOUT) -> dict:
     """Generate a SynthKitchens dataset under ``out_dir`` and return a summary.
 
     Args:
@@ -423,6 +425,8 @@ def generate(out_dir, videos: int = 24, seed: int = 0, actions_per_video: int = 
         write_videos: False skips MP4s and rgb_frames (annotations, labels and questions only).
         rbhp_coverage: the fraction of each split's actions that get RBHP questions (exactly
             ``round(F * N)``, see the module docstring); None keeps the scenes' own draw (~90 %).
+        layout: where the objects lie (``scene.LAYOUTS``): ``fitted`` near per-class spots,
+            ``random`` anywhere on the counter (fewer, larger objects); recorded in the metadata.
 
     Returns:
         dict with ``out_dir``, per-split ``videos``/``actions``/``question_clips`` counts,
@@ -432,20 +436,23 @@ def generate(out_dir, videos: int = 24, seed: int = 0, actions_per_video: int = 
         raise ValueError("videos and actions_per_video must be >= 1 and fps > 0")
     if rbhp_coverage is not None and not 0.0 <= rbhp_coverage <= 1.0:
         raise ValueError(f"rbhp_coverage must lie in [0, 1], got {rbhp_coverage}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     started = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _clear_previous_output(out)
     paths = tree_paths(out)
     arguments = {"videos": videos, "seed": seed, "actions_per_video": actions_per_video, "fps": float(fps),
-                 "rgb_frames": rgb_frames, "write_videos": write_videos}
+                 "rgb_frames": rgb_frames, "write_videos": write_videos, "layout": layout}
     if rbhp_coverage is not None:  # recorded only when given, so a default tree's metadata stays as before
         arguments["rbhp_coverage"] = float(rbhp_coverage)
 
     ids = video_ids(videos)
     n_val = num_validation_videos(videos)
     splits = {vid: ("validation" if i >= videos - n_val else "train") for i, (_, vid) in enumerate(ids)}
-    scenes = [sample_scene(seed, i, vid, pid, actions_per_video, fps) for i, (pid, vid) in enumerate(ids)]
+    scenes = [sample_scene(seed, i, vid, pid, actions_per_video, fps, layout=layout)
+              for i, (pid, vid) in enumerate(ids)]
 
     records: dict[str, list[dict]] = {split: [] for split in SPLITS}
     for scene in scenes:

@@ -33,7 +33,8 @@ JPEG_QUALITY = 90
 
 
 # ----------------------------------------------------------------------------------------------
-# Drawing primitives (cv2 fixed point) and the objects
+# Drawing primitives (cv2 fixed point) and the objects: ``_draw_<noun>(img, cx, cy, colour, scale)``
+# draws at ``scale`` times the vocabulary's size (1.0: the fitted layout's, pixel for pixel as in 1.1)
 # ----------------------------------------------------------------------------------------------
 def _fx(value: float) -> int:
     """Pixel coordinate -> cv2 fixed point (DRAW_SHIFT fractional bits)."""
@@ -57,66 +58,67 @@ def _shade(colour, factor: float) -> tuple[int, int, int]:
     return tuple(int(np.clip(c * factor, 0, 255)) for c in colour)
 
 
-def _draw_cup(img, cx, cy, col) -> None:
-    cv2.circle(img, _pt(cx + 13, cy), _fx(5.5), col, 3, cv2.LINE_AA, DRAW_SHIFT)  # handle
-    _circle(img, (cx - 6, cy), 13, col)
-    _circle(img, (cx - 6, cy), 9, _shade(col, 0.45))  # coffee inside
+def _draw_cup(img, cx, cy, col, s) -> None:
+    cv2.circle(img, _pt(cx + 13 * s, cy), _fx(5.5 * s), col, max(1, round(3 * s)), cv2.LINE_AA, DRAW_SHIFT)  # handle
+    _circle(img, (cx - 6 * s, cy), 13 * s, col)
+    _circle(img, (cx - 6 * s, cy), 9 * s, _shade(col, 0.45))  # coffee inside
 
 
-def _draw_plate(img, cx, cy, col) -> None:
-    _circle(img, (cx, cy), 26, col)
-    cv2.circle(img, _pt(cx, cy), _fx(18), _shade(col, 0.82), 1, cv2.LINE_AA, DRAW_SHIFT)
+def _draw_plate(img, cx, cy, col, s) -> None:
+    _circle(img, (cx, cy), 26 * s, col)
+    cv2.circle(img, _pt(cx, cy), _fx(18 * s), _shade(col, 0.82), max(1, round(s)), cv2.LINE_AA, DRAW_SHIFT)
 
 
-def _draw_knife(img, cx, cy, col) -> None:
-    _rect(img, cx - 31, cy - 3, cx + 9, cy + 3, col)
-    _rect(img, cx + 9, cy - 5, cx + 31, cy + 5, (40, 40, 45))
+def _draw_knife(img, cx, cy, col, s) -> None:
+    _rect(img, cx - 31 * s, cy - 3 * s, cx + 9 * s, cy + 3 * s, col)
+    _rect(img, cx + 9 * s, cy - 5 * s, cx + 31 * s, cy + 5 * s, (40, 40, 45))
 
 
-def _draw_pan(img, cx, cy, col) -> None:
-    _rect(img, cx + 6, cy - 3, cx + 33, cy + 3, (30, 45, 70))  # handle
-    _circle(img, (cx - 12, cy), 21, col)
-    _circle(img, (cx - 12, cy), 16, _shade(col, 1.7))
+def _draw_pan(img, cx, cy, col, s) -> None:
+    _rect(img, cx + 6 * s, cy - 3 * s, cx + 33 * s, cy + 3 * s, (30, 45, 70))  # handle
+    _circle(img, (cx - 12 * s, cy), 21 * s, col)
+    _circle(img, (cx - 12 * s, cy), 16 * s, _shade(col, 1.7))
 
 
-def _draw_bottle(img, cx, cy, col) -> None:
-    _rect(img, cx - 8, cy - 14, cx + 8, cy + 26, col)
-    _rect(img, cx - 4, cy - 22, cx + 4, cy - 14, _shade(col, 0.75))
-    _rect(img, cx - 5, cy - 26, cx + 5, cy - 21, (230, 230, 230))  # cap
+def _draw_bottle(img, cx, cy, col, s) -> None:
+    _rect(img, cx - 8 * s, cy - 14 * s, cx + 8 * s, cy + 26 * s, col)
+    _rect(img, cx - 4 * s, cy - 22 * s, cx + 4 * s, cy - 14 * s, _shade(col, 0.75))
+    _rect(img, cx - 5 * s, cy - 26 * s, cx + 5 * s, cy - 21 * s, (230, 230, 230))  # cap
 
 
-def _draw_sponge(img, cx, cy, col) -> None:
-    _rect(img, cx - 16, cy - 11, cx + 16, cy + 11, col)
-    _rect(img, cx - 16, cy - 11, cx + 16, cy - 4, (50, 140, 40))
+def _draw_sponge(img, cx, cy, col, s) -> None:
+    _rect(img, cx - 16 * s, cy - 11 * s, cx + 16 * s, cy + 11 * s, col)
+    _rect(img, cx - 16 * s, cy - 11 * s, cx + 16 * s, cy - 4 * s, (50, 140, 40))
 
 
-def _draw_bowl(img, cx, cy, col) -> None:
-    _circle(img, (cx, cy), 19, col)
-    _circle(img, (cx, cy), 12, (235, 175, 100))
+def _draw_bowl(img, cx, cy, col, s) -> None:
+    _circle(img, (cx, cy), 19 * s, col)
+    _circle(img, (cx, cy), 12 * s, (235, 175, 100))
 
 
-def _draw_kettle(img, cx, cy, col) -> None:
-    spout = np.array([_pt(cx + 5, cy - 5), _pt(cx + 25, cy - 9), _pt(cx + 25, cy - 4), _pt(cx + 5, cy + 5)], np.int32)
+def _draw_kettle(img, cx, cy, col, s) -> None:
+    spout = np.array([_pt(cx + 5 * s, cy - 5 * s), _pt(cx + 25 * s, cy - 9 * s), _pt(cx + 25 * s, cy - 4 * s),
+                      _pt(cx + 5 * s, cy + 5 * s)], np.int32)
     cv2.fillPoly(img, [spout], _shade(col, 0.8), cv2.LINE_AA, DRAW_SHIFT)
-    _circle(img, (cx - 7, cy), 18, col)
-    _rect(img, cx - 19, cy - 3, cx + 5, cy + 3, (30, 30, 30))  # handle across the lid
+    _circle(img, (cx - 7 * s, cy), 18 * s, col)
+    _rect(img, cx - 19 * s, cy - 3 * s, cx + 5 * s, cy + 3 * s, (30, 30, 30))  # handle across the lid
 
 
-def _draw_jar(img, cx, cy, col) -> None:
-    _rect(img, cx - 11, cy - 9, cx + 11, cy + 15, col)
-    _rect(img, cx - 12, cy - 15, cx + 12, cy - 8, (40, 170, 210))  # golden lid
+def _draw_jar(img, cx, cy, col, s) -> None:
+    _rect(img, cx - 11 * s, cy - 9 * s, cx + 11 * s, cy + 15 * s, col)
+    _rect(img, cx - 12 * s, cy - 15 * s, cx + 12 * s, cy - 8 * s, (40, 170, 210))  # golden lid
 
 
-def _draw_board(img, cx, cy, col) -> None:
-    _rect(img, cx - 29, cy - 18, cx + 29, cy + 18, _shade(col, 0.75))
-    _rect(img, cx - 27, cy - 16, cx + 27, cy + 16, col)
-    _circle(img, (cx + 21, cy - 10), 3, _shade(col, 0.5))
+def _draw_board(img, cx, cy, col, s) -> None:
+    _rect(img, cx - 29 * s, cy - 18 * s, cx + 29 * s, cy + 18 * s, _shade(col, 0.75))
+    _rect(img, cx - 27 * s, cy - 16 * s, cx + 27 * s, cy + 16 * s, col)
+    _circle(img, (cx + 21 * s, cy - 10 * s), 3 * s, _shade(col, 0.5))
 
 
-def _draw_towel(img, cx, cy, col) -> None:
-    _rect(img, cx - 17, cy - 11, cx + 17, cy + 11, col)
+def _draw_towel(img, cx, cy, col, s) -> None:
+    _rect(img, cx - 17 * s, cy - 11 * s, cx + 17 * s, cy + 11 * s, col)
     for dx in (-8, 2):
-        _rect(img, cx + dx, cy - 11, cx + dx + 4, cy + 11, (245, 245, 245))
+        _rect(img, cx + dx * s, cy - 11 * s, cx + (dx + 4) * s, cy + 11 * s, (245, 245, 245))
 
 
 _DRAWERS = {
@@ -143,7 +145,7 @@ def render_static_layer(scene: VideoScene) -> np.ndarray:
     img[splash_h - 1:splash_h + 1] = _shade(scene.counter_bgr, 0.6)
     img = np.clip(np.round(img), 0, 255).astype(np.uint8)
     for obj in scene.objects:
-        _DRAWERS[obj.noun](img, obj.centre[0], obj.centre[1], VOCABULARY[obj.noun].colour_bgr)
+        _DRAWERS[obj.noun](img, obj.centre[0], obj.centre[1], VOCABULARY[obj.noun].colour_bgr, obj.scale)
     return img
 
 

@@ -8,8 +8,10 @@ Why language matters: each action's target is drawn uniformly among the objects 
 hands only wander during the observation window; only in the last second before contact does the
 active hand reach for the target. Told which object is meant (the narration, or an RBHP question
 that implies it), a predictor can aim at it; from the frames alone it cannot know which. Objects
-lie near fixed per-class spots (``KITCHEN_LAYOUT_PX``), so the question also says roughly where
-the hand goes; the frames tell where it starts and the exact spot.
+layout decides where they lie (``LAYOUTS``): ``fitted`` puts each class near a fixed spot
+(``KITCHEN_LAYOUT_PX``), so the question also says roughly where the hand goes and the frames tell
+where it starts and the exact spot; ``random`` puts fewer, larger objects anywhere on the counter,
+so the question names (or implies) the object and only the frames say where it is.
 
 Pixels of the 456x256 frame (x right, y down) unless a name ends in ``_norm``; times in seconds.
 """
@@ -38,8 +40,12 @@ from preprocessing.window import REFERENCE_FPS
 #     anticipation approach > 30 px), test_question_rates_and_unique_purposes (80-97 % of the
 #     clips have questions), test_objects_lie_near_their_layout_spots (LAYOUT_JITTER_PX),
 #     test_objects_inside_the_centre_crop (5-6 objects inside ACTIVE_REGION_PX);
-#   * tests/test_demo_learns.py: `make demo` (seed 0, 48 videos) must train the tiny model to at
-#     most 0.8x the constant-velocity ADE, with shuffled questions at least 1.2x worse;
+#   * tests/test_synthkitchens.py, random layout (RANDOM_* below): the tower tells the classes
+#     apart (test_random_layout_objects_are_distinct_to_the_tower) and the reference predictors
+#     (test_random_layout_places_fewer_larger_objects_anywhere);
+#   * tests/test_demo_learns.py: `make demo` (random layout, seed 0, 48 videos) must train the demo
+#     model to at most 0.6x the constant-velocity ADE, with shuffled questions at least 1.5x and
+#     shuffled frames at least 1.3x worse;
 #   * tests/test_evaluate.py, through tests/conftest.py's synth_data (seed 0, 3 videos x 4
 #     actions: 2 train shards + 1 validation shard, with RBHP questions on some clips);
 #   * the numbers quoted in docs/DATA.md (the language_gap_report table: seed 0, 8 / 24 / 48
@@ -262,17 +268,34 @@ KITCHEN_LAYOUT_PX = {  # three rows: back (appliances, tall things), middle, fro
 }
 LAYOUT_JITTER_PX = 8.0  # tuned with the spots: see "Tuned constants" at the top
 
+# The random layout ("objects anywhere"): a video's objects lie uniformly on the counter part of
+# the model's centre crop, without overlapping. What a frozen ImageNet CNN must resolve is sized to
+# its 7 x 7 grid at 224 px (one cell = 32 px of the 224-px crop of the 256-px frame height, about
+# 37 frame px): objects are drawn RANDOM_OBJECT_SCALE times the fitted size (the smallest, the
+# bottle and the knife's width aside, then span about one cell) and there are fewer of them, so
+# that a pooled 2 x 2-cell slow token mostly holds one object. tests/test_synthkitchens.py checks
+# that pooled tower features tell the classes apart (test_random_layout_objects_are_distinct_to_the_tower).
+LAYOUTS = ("fitted", "random")
+DEFAULT_LAYOUT = "fitted"
+RANDOM_OBJECT_SCALE = 1.5
+RANDOM_OBJECTS_PER_VIDEO = (3, 4)  # inclusive
+RANDOM_COUNTER_REGION_NORM = (0.25, 0.12, 0.75, 0.78)  # inside the centre crop, below the backsplash
+RANDOM_COUNTER_REGION_PX = tuple(v * size for v, size in zip(
+    RANDOM_COUNTER_REGION_NORM, (EPIC_FRAME_WIDTH, EPIC_FRAME_HEIGHT) * 2))
+
 
 # ----------------------------------------------------------------------------------------------
 # Scene data
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class PlacedObject:
-    """An object instance: ``centre`` (x, y) px, footprint ``half`` (w, h) px."""
+    """An object instance: ``centre`` (x, y) px, footprint ``half`` (w, h) px, drawn ``scale``
+    times the vocabulary's size (``half`` is the scaled footprint)."""
 
     noun: str
     centre: tuple[float, float]
     half: tuple[int, int]
+    scale: float = 1.0
 
     @property
     def bbox(self) -> tuple[int, int, int, int]:
@@ -442,9 +465,43 @@ def _uniform(rng: np.random.Generator, bounds) -> float:
     return float(rng.uniform(bounds[0], bounds[1]))
 
 
-def sample_objects(rng: np.random.Generator) -> list[PlacedObject]:
-    """5-6 distinct objects near their KITCHEN_LAYOUT_PX spots, inside the active region and not
-    overlapping (a draw whose jittered footprints collide is redrawn)."""
+def _overlaps(centre, half, placed: list[PlacedObject]) -> bool:
+    """Whether a footprint (centre, half) comes within OBJECT_GAP_PX of any placed object's."""
+    return not all(abs(centre[0] - o.centre[0]) >= half[0] + o.half[0] + OBJECT_GAP_PX
+                   or abs(centre[1] - o.centre[1]) >= half[1] + o.half[1] + OBJECT_GAP_PX for o in placed)
+
+
+def sample_objects_random(rng: np.random.Generator) -> list[PlacedObject]:
+    """3-4 distinct objects, RANDOM_OBJECT_SCALE times their size, uniformly anywhere in
+    RANDOM_COUNTER_REGION_NORM without overlapping (a set that does not fit is redrawn)."""
+    x0, y0, x1, y1 = RANDOM_COUNTER_REGION_PX
+    nouns = list(VOCABULARY)
+    while True:
+        count = int(rng.integers(RANDOM_OBJECTS_PER_VIDEO[0], RANDOM_OBJECTS_PER_VIDEO[1] + 1))
+        chosen = [nouns[i] for i in rng.choice(len(nouns), size=count, replace=False)]
+        placed: list[PlacedObject] = []
+        for noun in chosen:
+            hw, hh = (int(round(RANDOM_OBJECT_SCALE * h)) for h in VOCABULARY[noun].half_size_px)
+            for _ in range(PLACEMENT_TRIES):
+                centre = (round(float(rng.uniform(x0 + hw, x1 - hw)), 2),
+                          round(float(rng.uniform(y0 + hh, y1 - hh)), 2))
+                if not _overlaps(centre, (hw, hh), placed):
+                    placed.append(PlacedObject(noun, centre, (hw, hh), RANDOM_OBJECT_SCALE))
+                    break
+        if len(placed) == count:
+            return placed
+
+
+def sample_objects(rng: np.random.Generator, layout: str = DEFAULT_LAYOUT) -> list[PlacedObject]:
+    """A video's objects in ``layout`` (``LAYOUTS``).
+
+    ``fitted``: 5-6 distinct objects near their KITCHEN_LAYOUT_PX spots, inside the active region
+    and not overlapping (a draw whose jittered footprints collide is redrawn). ``random``:
+    :func:`sample_objects_random`."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "random":
+        return sample_objects_random(rng)
     x0, y0, x1, y1 = ACTIVE_REGION_PX
     nouns = list(VOCABULARY)
     while True:
@@ -617,12 +674,14 @@ def _active_sides(bimanual: bool, obj: PlacedObject, starts: dict[str, np.ndarra
 
 
 def sample_scene(seed: int, video_index: int, video_id: str, participant_id: str,
-                 actions_per_video: int, fps: float, question_probs=QUESTION_PROBS) -> VideoScene:
+                 actions_per_video: int, fps: float, question_probs=QUESTION_PROBS,
+                 layout: str = DEFAULT_LAYOUT) -> VideoScene:
     """Sample one video: layout, actions, both hands' motion. Deterministic in (seed, video_index).
 
     For every action (in time order) both hands first wander up to the reach start T_c - 1 s; the
     active hand(s) then reach the target during the last second, hold it until the release time
     and wander on. ``question_probs`` = (P(no RBHP question), P(one question)); else three.
+    ``layout`` (``LAYOUTS``) places the objects (:func:`sample_objects`).
     """
     rng = np.random.default_rng([seed, video_index])
     counter = tuple(int(np.clip(c + rng.integers(-COUNTER_JITTER, COUNTER_JITTER + 1), 0, 255))
@@ -630,7 +689,7 @@ def sample_scene(seed: int, video_index: int, video_id: str, participant_id: str
     skin = tuple(int(np.clip(c + rng.integers(-SKIN_JITTER, SKIN_JITTER + 1), 0, 255)) for c in SKIN_BGR)
     sleeve = SLEEVE_COLOURS_BGR[int(rng.integers(len(SLEEVE_COLOURS_BGR)))]
     texture_seed = int(rng.integers(2**31))
-    objects = sample_objects(rng)
+    objects = sample_objects(rng, layout)
     tracks = {side: _start_track(rng, side) for side in HOI_FORECAST_SIDES}
 
     actions = []
