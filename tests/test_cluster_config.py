@@ -55,7 +55,12 @@ SAMPLE_VALUES = {
     "HANDSONVLM_MLFLOW_DB_HOST": "mlflow-db.example.internal",
     "HANDSONVLM_K8S_ROLE_ARN": "arn:aws:iam::123456789012:role/handsonvlm",
     "HANDSONVLM_RWX_STORAGE_CLASS": "efs-sc",
+    "HANDSONVLM_SUBNET_ID": "subnet-0123456789abcdef0",
+    "HANDSONVLM_SECURITY_GROUP_ID": "sg-0123456789abcdef0",
+    "HANDSONVLM_PLACEMENT_GROUP": "handsonvlm-gpu",
 }
+# Network cards of the GPU instance types (AWS: p5.48xlarge 32 x 100 Gbit/s EFA, p4de.24xlarge 4 x 100)
+EFA_CARDS = {"p5.48xlarge": 32, "p4de.24xlarge": 4}
 PIPELINES = {"preprocess", "train", "evaluate"}
 
 
@@ -135,6 +140,39 @@ def test_aws_node_types_fit_the_training_recipe():
     for node in types.values():
         if "IamInstanceProfile" in node["node_config"]:
             assert node["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::")
+
+
+def test_gpu_node_types_attach_efa_in_one_subnet_group_and_placement_group():
+    """Every GPU node type: one EFA interface per network card (primary on card 0), all in the cluster's
+    subnet and security group, a cluster placement group, the EFA devices passed into the container; every
+    other node in the same subnet and group. Ray's AWS bootstrap step that reads the interfaces accepts it."""
+    from ray.autoscaler._private.aws.config import _configure_from_network_interfaces
+
+    config = yaml.safe_load(rendered(RAY_CLUSTER_YAML))
+    subnet, group = SAMPLE_VALUES["HANDSONVLM_SUBNET_ID"], SAMPLE_VALUES["HANDSONVLM_SECURITY_GROUP_ID"]
+    gpu_types = {name for name, t in config["available_node_types"].items() if t["resources"].get("GPU")}
+    assert gpu_types
+    for name, node_type in config["available_node_types"].items():
+        node = node_type["node_config"]
+        if name not in gpu_types:
+            assert (node["SubnetIds"], node["SecurityGroupIds"]) == ([subnet], [group]), name
+            assert "NetworkInterfaces" not in node, name
+            continue
+        interfaces = node["NetworkInterfaces"]
+        assert len(interfaces) == EFA_CARDS[node["InstanceType"]], name
+        assert sorted(i["NetworkCardIndex"] for i in interfaces) == list(range(len(interfaces))), name
+        assert all(i["InterfaceType"] == "efa" and i["SubnetId"] == subnet and i["Groups"] == [group]
+                   and i["DeleteOnTermination"] is True for i in interfaces), name
+        assert [i["DeviceIndex"] for i in sorted(interfaces, key=lambda i: i["NetworkCardIndex"])] == \
+            [0] + [1] * (len(interfaces) - 1), name
+        assert not {"SubnetId", "SubnetIds", "SecurityGroupIds"} & set(node), f"{name}: only in the interfaces"
+        assert node["Placement"] == {"GroupName": SAMPLE_VALUES["HANDSONVLM_PLACEMENT_GROUP"]}, name
+        options = node_type["docker"]["worker_run_options"]
+        assert "--device=/dev/infiniband" in options and "--cap-add=IPC_LOCK" in options, name
+    prepared = _configure_from_network_interfaces(config)
+    for name in gpu_types:
+        node = prepared["available_node_types"][name]["node_config"]
+        assert set(node["SubnetIds"]) == {subnet} and set(node["SecurityGroupIds"]) == {group}, name
 
 
 def test_onprem_config_keeps_every_listed_machine():
@@ -337,19 +375,59 @@ def test_dockerfile_structure():
     keywords = [k for k, _ in instructions]
     assert set(keywords) <= {"ARG", "FROM", "ENV", "WORKDIR", "COPY", "RUN", "USER", "LABEL"}
     assert keywords.count("FROM") == 1 and set(keywords[:keywords.index("FROM")]) == {"ARG"}, "only ARGs precede FROM"
-    base = dict(re.match(r"(\w+)=(.*)", rest).groups() for k, rest in instructions if k == "ARG" and "=" in rest)
-    assert re.fullmatch(rf"rayproject/ray:{re.escape(ray_version())}-py311-cu\d+", base["RAY_IMAGE"])
+    args = dict(re.match(r"(\w+)=(.*)", rest).groups() for k, rest in instructions if k == "ARG" and "=" in rest)
+    assert re.fullmatch(rf"rayproject/ray:{re.escape(ray_version())}-py311-cu\d+", args["RAY_IMAGE"])
     assert ("FROM", "${RAY_IMAGE}") in instructions
     runs = " && ".join(rest for k, rest in instructions if k == "RUN")
-    assert "download.pytorch.org/whl/cu" in base["TORCH_INDEX_URL"] and '"torch==2.13.0"' in runs
+    assert "download.pytorch.org/whl/cu" in args["TORCH_INDEX_URL"] and '"torch==2.13.0"' in runs
     assert "-r requirements.txt -c constraints.txt" in runs
     assert "deepspeed" in (REPO_ROOT / "requirements.txt").read_text()
-    assert re.search(r"pip install --no-build-isolation \"flash-attn==", runs)
     copy_all = instructions.index(("COPY", "--chown=ray:users . ."))
     install = next(i for i, (k, rest) in enumerate(instructions) if k == "RUN" and "-e ." in rest)
     assert install > copy_all, "the project is installed after its sources are copied"
     ignored = (CLUSTER_DIR / "Dockerfile.dockerignore").read_text().split()
     assert {".venv", "runs", "checkpoints", ".git"} <= set(ignored)
+    users = [rest for k, rest in instructions if k == "USER"]
+    assert users and users[-1] == "1000:100", "the image ends as the ray user, not root"
+
+
+def test_dockerfile_never_compiles_flash_attn_and_presets_use_sdpa():
+    """flash-attn only from a prebuilt wheel given as FLASH_ATTN_WHEEL (default: none, the presets use SDPA)."""
+    instructions = dockerfile_instructions()
+    args = dict(re.match(r"(\w+)=?(.*)", rest).groups() for k, rest in instructions if k == "ARG")
+    runs = [rest for k, rest in instructions if k == "RUN"]
+    assert args["FLASH_ATTN_WHEEL"] == ""
+    (flash,) = [r for r in runs if "FLASH_ATTN_WHEEL" in r]
+    assert flash.startswith('if [ -n "${FLASH_ATTN_WHEEL}" ]; then pip install --no-deps "${FLASH_ATTN_WHEEL}"')
+    assert not any(re.search(r"flash[-_]attn==|--no-build-isolation\s+\S*flash", r) for r in runs)
+    assert not {"FLASH_ATTN_CUDA_ARCHS", "MAX_JOBS"} & set(args)
+    for preset in sorted((REPO_ROOT / "configs").glob("*.yaml")):
+        lm = (yaml.safe_load(preset.read_text()).get("model") or {}).get("lm") or {}
+        assert lm.get("attn_implementation", "sdpa") == "sdpa", preset.name
+
+
+def test_dockerfile_installs_efa_and_the_nccl_plugin():
+    """EFA's user space from AWS's installer (no kernel module: the host's) and aws-ofi-nccl built against its
+    libfabric and the image's CUDA, both skipped with EFA_INSTALLER_VERSION empty; NCCL finds the plugin on
+    LD_LIBRARY_PATH. NCCL's settings are not baked in: the launcher sets them (handsonvlm.networking)."""
+    instructions = dockerfile_instructions()
+    args = dict(re.match(r"(\w+)=?(.*)", rest).groups() for k, rest in instructions if k == "ARG")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", args["EFA_INSTALLER_VERSION"])
+    assert re.fullmatch(r"\d+\.\d+\.\d+", args["AWS_OFI_NCCL_VERSION"])
+    (efa,) = [rest for k, rest in instructions if k == "RUN" and "efa_installer.sh" in rest]
+    assert efa.startswith('if [ -n "${EFA_INSTALLER_VERSION}" ]; then')
+    assert "efa-installer.amazonaws.com/aws-efa-installer-${EFA_INSTALLER_VERSION}.tar.gz" in efa
+    assert re.search(r"efa_installer\.sh -y --skip-kmod --skip-limit-conf --no-verify", efa)
+    assert "github.com/aws/aws-ofi-nccl/releases/download/v${AWS_OFI_NCCL_VERSION}/" in efa
+    assert all(flag in efa for flag in ('--prefix="${AWS_OFI_NCCL_PREFIX}"', "--with-libfabric=/opt/amazon/efa",
+                                        "--with-cuda=/usr/local/cuda", "--enable-platform-aws"))
+    position = instructions.index(("RUN", efa))
+    assert instructions[position - 1] == ("USER", "0") and instructions[position + 1] == ("USER", "1000:100")
+    env = " ".join(rest for k, rest in instructions if k == "ENV")
+    assert "LD_LIBRARY_PATH=${AWS_OFI_NCCL_PREFIX}/lib:/opt/amazon/efa/lib:" in env
+    from handsonvlm.networking import NCCL_ENV_DEFAULTS
+
+    assert not [name for name in NCCL_ENV_DEFAULTS if name in env], "set once, by the launcher"
 
 
 def find_tool(name: str) -> str | None:
