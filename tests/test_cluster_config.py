@@ -549,3 +549,108 @@ def test_no_credentials_in_cluster_files():
     files = [RAY_CLUSTER_YAML, CLUSTER_DOC, *cluster_files]
     findings = {str(p.relative_to(REPO_ROOT)): credential_findings(p.read_text()) for p in files}
     assert not {k: v for k, v in findings.items() if v}
+
+
+# --------------------------------------------------------------------------- networking, timeout, ZeRO++
+
+def test_zero_plus_plus_keys_are_validated_where_the_config_is_read():
+    from pipelines import train as train_job
+
+    two_nodes = ["train.num_workers=16", "train.zero_hpz_partition_size=8"]
+    config = train_job.resolve_config("vicuna-7b", two_nodes)
+    assert config["train"]["zero_hpz_partition_size"] == 8
+    for overrides, message in [
+        (["train.zero_hpz_partition_size=8"], r"must divide train.num_workers=8 and be smaller"),
+        ([*two_nodes[:1], "train.zero_hpz_partition_size=6"], r"must divide train.num_workers=16"),
+        ([*two_nodes, "train.zero_stage=2"], r"zero_hpz_partition_size=8: ZeRO\+\+ needs train.zero_stage=3"),
+        (["train.zero_stage=2", "train.zero_quantized_gradients=true"], r"zero_quantized_gradients=true: ZeRO\+\+"),
+        (["train.zero_hpz_partition_size=0"], r"integer >= 1 \(or null: off\)"),
+        (["train.pg_timeout_s=0"], r"pg_timeout_s must be an integer >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            train_job.resolve_config("vicuna-7b", overrides)
+    # null and 1 both mean off, under any stage
+    for off in ("null", "1"):
+        assert train_job.resolve_config("tiny", [f"train.zero_hpz_partition_size={off}"])["train"]["zero_stage"] == 2
+
+
+def test_deepspeed_config_carries_zero_plus_plus_through_deepspeeds_own_schema():
+    """The ZeRO section passes DeepSpeed 0.19.8's config model (pydantic, unknown keys forbidden) with the values
+    set; ZeRO-2 configs carry none of the keys."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from pipelines.train_worker import deepspeed_config
+
+    ds = deepspeed_config(3, 16, 1, 16, True, 1.0, hpz_partition_size=8, quantized_weights=True,
+                          quantized_gradients=True)
+    zero = DeepSpeedZeroConfig(**ds["zero_optimization"])
+    assert (zero.stage, zero.zero_hpz_partition_size, zero.zero_quantized_weights, zero.zero_quantized_gradients) \
+        == (3, 8, True, True)
+    assert ds["train_batch_size"] == 16 * 16
+    plain = deepspeed_config(3, 16, 1, 8, True, 1.0)
+    assert DeepSpeedZeroConfig(**plain["zero_optimization"]).zero_hpz_partition_size == 1
+    zero2 = deepspeed_config(2, 4, 1, 2, False, 1.0)
+    assert not [k for k in zero2["zero_optimization"] if k.startswith("zero_")]
+    DeepSpeedZeroConfig(**zero2["zero_optimization"])
+    with pytest.raises(ValueError, match="needs ZeRO stage 3"):
+        deepspeed_config(2, 4, 1, 2, False, 1.0, hpz_partition_size=2)
+    with pytest.raises(ValueError):  # the schema is not a rubber stamp
+        DeepSpeedZeroConfig(**{**ds["zero_optimization"], "zero_hpz_partition_sise": 8})
+
+
+def test_worker_env_and_torch_config_follow_the_device_and_the_drivers_environment():
+    """Without Ray: what launch() hands Ray Train. NCCL/EFA defaults only on GPUs, a value the driver's
+    environment sets wins, and train.pg_timeout_s is TorchConfig's timeout."""
+    from ray.train.torch import TorchConfig
+
+    from handsonvlm.networking import NCCL_ENV_DEFAULTS
+    from pipelines import train as train_job
+
+    gpu = train_job.worker_env_vars(True, environ={"NCCL_DEBUG": "INFO", "UNRELATED": "x"})
+    assert gpu == {**train_job.WORKER_ENV, "DS_ACCELERATOR": "cuda", **NCCL_ENV_DEFAULTS, "NCCL_DEBUG": "INFO"}
+    assert {"FI_PROVIDER", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_SOCKET_IFNAME"} <= set(gpu)
+    cpu = train_job.worker_env_vars(False, environ={"NCCL_DEBUG": "INFO"})
+    assert cpu == {**train_job.WORKER_ENV, "DS_ACCELERATOR": "cpu"}
+    config = train_job.resolve_config("vicuna-7b", ["train.pg_timeout_s=600"])
+    torch_config = train_job.torch_config_for(config["train"], use_gpu=True)
+    assert isinstance(torch_config, TorchConfig)
+    assert (torch_config.backend, torch_config.timeout_s) == ("nccl", 600)
+    default = train_job.torch_config_for(train_job.resolve_config("tiny", [])["train"], use_gpu=False)
+    assert (default.backend, default.timeout_s) == ("gloo", TorchConfig().timeout_s)  # Ray's own default
+
+
+def test_subgroups_created_later_get_the_configured_timeout():
+    """A real gloo process group: DeepSpeed's new_group() calls pass no timeout, so they got torch's default
+    (30 min gloo, 10 min NCCL) whatever TorchConfig said, until set_subgroup_timeout."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    from handsonvlm.networking import set_subgroup_timeout
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    saved = distributed_c10d.default_pg_timeout, distributed_c10d.default_pg_nccl_timeout
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        def timeout_s(group) -> float:
+            return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+        before = dist.new_group([0])
+        set_subgroup_timeout(77)
+        after = dist.new_group([0])
+        assert timeout_s(before) == saved[0].total_seconds() and timeout_s(after) == 77
+    finally:
+        distributed_c10d.default_pg_timeout, distributed_c10d.default_pg_nccl_timeout = saved
+        dist.destroy_process_group()
+
+
+def test_hpz_groups_must_stay_inside_nodes():
+    from handsonvlm.networking import check_hpz_placement
+
+    check_hpz_placement(8, local_world_size=8, world_size=16)  # two full nodes
+    check_hpz_placement(4, local_world_size=8, world_size=16)  # two groups per node
+    check_hpz_placement(None, local_world_size=3, world_size=7)  # off: anything goes
+    check_hpz_placement(1, local_world_size=3, world_size=7)
+    with pytest.raises(ValueError, match="this node holds 4 of the 16 workers"):
+        check_hpz_placement(8, local_world_size=4, world_size=16)  # packed 8 + 4 + 4
