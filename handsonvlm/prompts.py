@@ -32,6 +32,16 @@ class Template:
     assistant: str
     sep: str  # after the system text and after each user turn
     sep2: str  # after each assistant turn (the end-of-sequence text for vicuna_v1)
+    # How a role opens its message: Vicuna/LLaVA's "USER:", ChatML's "<|im_start|>user\n".
+    role_open: str = "{role}:"
+    # Between an open role and its message: Vicuna/LLaVA's space, nothing in ChatML.
+    message_prefix: str = " "
+    # Whether the ids start with the tokenizer's BOS (LLaMA's <s>). ChatML writes its own
+    # "<|im_start|>", which SmolLM2's tokenizer names its BOS: adding it again would double it.
+    add_bos: bool = True
+
+    def open_role(self, role: str) -> str:
+        return self.role_open.format(role=role)
 
     def render(self, turns: list[tuple[str, str | None]]) -> list[tuple[str, bool]]:
         """Pieces of the conversation text, each flagged True where it is supervised.
@@ -42,9 +52,10 @@ class Template:
         """
         pieces = [(self.system + self.sep, False)]
         for user_text, answer in turns:
-            pieces.append((f"{self.user}: {user_text}{self.sep}{self.assistant}:", False))
+            pieces.append((f"{self.open_role(self.user)}{self.message_prefix}{user_text}{self.sep}"
+                           f"{self.open_role(self.assistant)}", False))
             if answer is not None:
-                pieces.append((f" {answer}{self.sep2}", True))
+                pieces.append((f"{self.message_prefix}{answer}{self.sep2}", True))
         return pieces
 
     def conversation_text(self, turns: list[tuple[str, str | None]]) -> str:
@@ -55,25 +66,32 @@ class Template:
         ``"ROLE:"``, so a generation prompt ends with ``"ASSISTANT:"``."""
         text = self.system + self.sep
         for user_text, answer in turns:
-            text += _message_text(self.user, user_text, self.sep) + _message_text(self.assistant, answer, self.sep2)
+            text += self._message_text(self.user, user_text, self.sep)
+            text += self._message_text(self.assistant, answer, self.sep2)
         return text
 
-
-def _message_text(role: str, message: str | None, separator: str) -> str:
-    # LLaVA tests the message's truth, so "" is left open like None
-    return f"{role}: {message}{separator}" if message else f"{role}:"
+    def _message_text(self, role: str, message: str | None, separator: str) -> str:
+        # LLaVA tests the message's truth, so "" is left open like None
+        opened = self.open_role(role)
+        return f"{opened}{self.message_prefix}{message}{separator}" if message else opened
 
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 LLAVA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
+SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 TEMPLATES = {
     "vicuna_v1": Template(VICUNA_SYSTEM, "USER", "ASSISTANT", " ", "</s>"),
     # LLaVA's v0 template, which the released evaluator picks for "handsonvlm-7b" (no "v1" in the name).
     "llava_v0": Template(LLAVA_SYSTEM, "Human", "Assistant", "###", "###"),
     # LLaVA's v1 template, which the released evaluator picks for a directory name containing "v1".
     "llava_v1": Template(LLAVA_SYSTEM, "USER", "ASSISTANT", " ", "</s>"),
+    # SmolLM2-Instruct's own chat template (ChatML with its default system message; configs/smol.yaml):
+    # the text equals its tokenizer's apply_chat_template, so the answer ends with its EOS <|im_end|>.
+    "smollm2": Template(f"{CHATML_START}system\n{SMOLLM2_SYSTEM}", "user", "assistant", f"{CHATML_END}\n",
+                        f"{CHATML_END}\n", role_open=f"{CHATML_START}{{role}}\n", message_prefix="", add_bos=False),
 }
 
 # VHP: the question names the action (positional "{}": see the module docstring).
