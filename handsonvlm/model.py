@@ -29,10 +29,11 @@ from handsonvlm.config import ModelConfig
 from handsonvlm.hand_embedding import hand_conditions, hand_token_embeddings
 from handsonvlm.tokens import load_tokenizer, special_tokens
 from handsonvlm.traj_decoder import build_traj_decoder
-from handsonvlm.vision import VisionTower, pool_frames, video_tokens
+from handsonvlm.vision import FrozenTower, VisionTower, tower_features, video_tokens
 
 IMAGE_PLACEHOLDER = -200  # input id marking where the visual tokens go (LLaVA's IMAGE_TOKEN_INDEX)
 IGNORE_INDEX = -100  # label of positions without a text loss
+VISION_PREFIX = "vision."  # the tower's keys in the model's state dict (exports, checkpoints, compat)
 WEIGHTS_FILE = "model.safetensors"
 TIED_LM_HEAD_KEY = "lm.lm_head.weight"  # not saved when the LM ties it to its input embeddings
 CONFIG_FILE = "handsonvlm_config.json"
@@ -167,7 +168,12 @@ class HandsOnVLM(nn.Module):
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
         self.tokens = special_tokens(self.tokenizer, cfg)
         self.lm = _build_lm(cfg, self.tokenizer, init)
-        self.vision = build_vision_tower(cfg)
+        # A plain attribute, not a submodule: the tower stays out of parameters() and so out of DeepSpeed's
+        # casts, ZeRO-3 partitions and the optimizer; state_dict()/load_state_dict() still carry its
+        # "vision." keys (the hooks below), and .to(device) moves it in its own dtype (_apply).
+        self._frozen_vision = FrozenTower(build_vision_tower(cfg))
+        self.register_state_dict_post_hook(_add_vision_state)
+        self.register_load_state_dict_pre_hook(_load_vision_state)
         self.hidden_size = self.lm.config.hidden_size
         with init.construct():
             self.projector = nn.Linear(self.vision.hidden_size, self.hidden_size)
@@ -178,15 +184,29 @@ class HandsOnVLM(nn.Module):
             self.traj_decoder = build_traj_decoder(cfg.traj_decoder, self.hidden_size // 2, cfg.decoder_hidden,
                                                    cfg.decoder_latent)
 
+    # ------------------------------------------------------------------ the frozen vision tower
+    @property
+    def vision(self) -> VisionTower:
+        """The frozen tower (CLIP or EfficientNet-Lite0), in ``model.vision.dtype`` on this model's device;
+        held outside the module tree (:class:`handsonvlm.vision.FrozenTower`)."""
+        return self._frozen_vision.tower
+
+    def _apply(self, fn, recurse=True):
+        """``to``/``cuda``/``half``/``bfloat16``/``to_empty`` on the module tree, then the tower follows to its
+        device only: its dtype is the config's, whatever the rest is cast to."""
+        super()._apply(fn, recurse)
+        frozen = self.__dict__.get("_frozen_vision")
+        reference = next(self.parameters(), None)
+        if frozen is not None and reference is not None:
+            frozen.follow(reference.device)
+        return self
+
     # ------------------------------------------------------------------ visual tokens
     def frame_features(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """frames [B, F, 3, S, S] -> pooled per-frame features (means [B, F, C], grids [B, F, G, C]).
-
-        This is what the frozen-vision feature cache stores; pass it back as ``frame_means`` /
-        ``frame_grids`` to skip the tower."""
-        b, f = frames.shape[:2]
-        means, grids = pool_frames(self.vision(frames.flatten(0, 1)), self.cfg.spatial_pool)
-        return means.unflatten(0, (b, f)), grids.unflatten(0, (b, f))
+        """frames [B, F, 3, S, S] -> pooled per-frame features (means [B, F, C], grids [B, F, G, C]) in the
+        tower's dtype: :func:`handsonvlm.vision.tower_features`, the computation the feature cache stores;
+        pass it back as ``frame_means`` / ``frame_grids`` to skip the tower."""
+        return tower_features(self.vision, frames, self.cfg.spatial_pool)
 
     def visual_tokens(self, frames=None, frame_means=None, frame_grids=None) -> torch.Tensor:
         """[B, V, D] with V = num_video_frames + num_slow_frames * G (356 for the 7B/13B presets)."""
@@ -334,6 +354,46 @@ class HandsOnVLM(nn.Module):
         if unexpected or set(missing) - tied:
             raise RuntimeError(f"checkpoint mismatch: missing {sorted(set(missing) - tied)}, unexpected {unexpected}")
         return model
+
+
+def _add_vision_state(module: HandsOnVLM, state: dict, prefix: str, local_metadata) -> None:
+    """state_dict post-hook: the tower's tensors under ``<prefix>vision.`` (what an export or a checkpoint
+    holds of it, as when the tower was a submodule)."""
+    for key, value in module.vision.state_dict().items():
+        state[prefix + VISION_PREFIX + key] = value
+
+
+def _load_vision_state(module: HandsOnVLM, state: dict, prefix: str, local_metadata, strict, missing_keys,
+                       unexpected_keys, error_msgs) -> None:
+    """load_state_dict pre-hook: ``<prefix>vision.*`` entries go into the tower (in its dtype; ``assign=True``
+    is passed on), the tower's keys they lack are reported as missing, their unknown ones as unexpected."""
+    where = prefix + VISION_PREFIX
+    tower_state = {key[len(where):]: state.pop(key) for key in [k for k in state if k.startswith(where)]}
+    result = module.vision.load_state_dict(tower_state, strict=False,
+                                           assign=local_metadata.get("assign_to_params_buffers", False))
+    missing_keys.extend(where + key for key in result.missing_keys)
+    unexpected_keys.extend(where + key for key in result.unexpected_keys)
+
+
+def inference_attention(requested: str, dtype: torch.dtype, device: str | torch.device) -> str:
+    """The attention implementation a model loaded in ``dtype`` on ``device`` runs with: ``requested``
+    (the export's ``model.lm.attn_implementation``), except flash-attention where it cannot run: in fp32
+    (flash-attention takes fp16/bf16 only, it would raise at every generation), off CUDA, or without the
+    ``flash_attn`` package; then sdpa (the same attention, other kernels), with one warning saying why."""
+    if requested != FLASH_ATTENTION:
+        return requested
+    from transformers.utils import is_flash_attn_2_available
+
+    if dtype not in HALF_DTYPES:
+        reason = f"it needs fp16 or bf16 and the model is loaded in {dtype}"
+    elif torch.device(device).type != "cuda":
+        reason = f"it needs a CUDA device and the model is loaded on {device}"
+    elif not is_flash_attn_2_available():
+        reason = "the flash_attn package is not installed"
+    else:
+        return requested
+    log.warning("model.lm.attn_implementation %s: %s; using %s", requested, reason, FALLBACK_ATTENTION)
+    return FALLBACK_ATTENTION
 
 
 _LLAMA_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",

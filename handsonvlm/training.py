@@ -98,8 +98,10 @@ class Zero3Init(ModelInit):
       draws on every rank, rank 0's kept), as transformers' own ``no_init_weights`` replaces it.
     * The projector and the trajectory decoder are created under zero.Init too; the projector's
       initial weights from ``model.projector_init`` are copied in with its parameters gathered.
-    * The frozen vision tower is built whole, outside zero.Init, in its configured dtype (ZeRO-3
-      partitions it at ``deepspeed.initialize``, as before; docs/CLUSTER.md, "5. Scaling").
+    * The frozen vision tower is built whole, outside zero.Init, in its configured dtype, and is not a
+      submodule of the model (``handsonvlm.vision.FrozenTower``): ``deepspeed.initialize`` never sees it,
+      so ZeRO-3 neither partitions nor gathers it and the bf16 mode does not cast it (docs/MODEL.md,
+      "Precision"; docs/CLUSTER.md, "5. Scaling").
 
     ``ds_config`` is the worker's DeepSpeed config (its ``bf16`` setting decides the partitions'
     dtype). ``deepspeed.comm`` is set up on the existing ``torch.distributed`` process group (Ray

@@ -355,6 +355,46 @@ def pool_frames(patch_features: torch.Tensor, pool_kernel: int = SLOW_POOL_KERNE
     return patch_features.mean(dim=1), spatial_pool(patch_features, pool_kernel)
 
 
+def tower_features(tower: nn.Module, frames: torch.Tensor,
+                   pool_kernel: int = SLOW_POOL_KERNEL) -> tuple[torch.Tensor, torch.Tensor]:
+    """frames [B, F, 3, S, S] -> pooled per-frame features (means [B, F, C], grids [B, F, G, C]) in the
+    tower's dtype, on its device.
+
+    THE tower call and pooling: the online training path (``HandsOnVLM.frame_features``, inside the
+    DeepSpeed engine's forward), the feature cache (``preprocessing.features.clip_features``),
+    validation and evaluation all compute their features here, from frames that
+    ``handsonvlm.image.preprocess_frames`` made, so that for one tower dtype they are bit-identical
+    (tests/test_dtype_story.py). No gradients: the tower is frozen."""
+    batch, num_unique = frames.shape[:2]
+    with torch.no_grad():
+        means, grids = pool_frames(tower(frames.flatten(0, 1)), pool_kernel)
+    return means.unflatten(0, (batch, num_unique)), grids.unflatten(0, (batch, num_unique))
+
+
+class FrozenTower:
+    """Holds a frozen vision tower for a module without making it a submodule (a plain object, not an
+    ``nn.Module``): the owner's ``parameters()``, ``named_modules()`` and ``.to(dtype)`` never reach it.
+
+    So a DeepSpeed engine around the owner neither partitions the tower (ZeRO-3), casts it (its bf16 and
+    fp16 modes cast every parameter the module owns), gathers it every step nor gives it to the
+    optimizer: the tower runs in ``model.vision.dtype`` everywhere (docs/MODEL.md, "Precision").
+    :meth:`follow` moves it to the owner's device (never another dtype)."""
+
+    def __init__(self, tower: nn.Module):
+        self.tower = tower
+
+    def follow(self, device: torch.device) -> None:
+        """Put the tower on ``device`` in its own dtype (a tower built on the meta device gets empty storage
+        there, to be loaded from a state dict)."""
+        current = next(self.tower.parameters()).device
+        if current == device:
+            return
+        if current.type == "meta":
+            self.tower.to_empty(device=device)
+        else:
+            self.tower.to(device)
+
+
 def _param_dtype(module: nn.Module, default: torch.dtype) -> torch.dtype:
     param = next(module.parameters(), None)
     return default if param is None else param.dtype
@@ -387,10 +427,8 @@ def encode_video(frames: torch.Tensor, tower: VisionTower, projector: nn.Module,
                  num_video_frames: int = NUM_VIDEO_FRAMES, num_slow: int = NUM_SLOW_FRAMES,
                  pool_kernel: int = SLOW_POOL_KERNEL) -> torch.Tensor:
     """frames [B, F, 3, S, S] -> video tokens [B, T + num_slow * G, D]: tower on the B*F unique frames only."""
-    batch, num_unique = frames.shape[:2]
-    means, grids = pool_frames(tower(frames.flatten(0, 1)), pool_kernel)
-    return video_tokens(means.unflatten(0, (batch, num_unique)), grids.unflatten(0, (batch, num_unique)),
-                        projector, num_video_frames, num_slow)
+    means, grids = tower_features(tower, frames, pool_kernel)
+    return video_tokens(means, grids, projector, num_video_frames, num_slow)
 
 
 def video_tokens_literal(frames: torch.Tensor, tower: VisionTower, projector: nn.Module,

@@ -3,7 +3,7 @@
     python pipelines/preprocess.py --epic-root DIR --annotations DIR --out OUT \
         [--splits train,validation] [--stage index|samples|all] [--questions DIR] [--labels DIR]
     python pipelines/preprocess.py --stage features --out OUT --model-config configs/tiny.yaml \
-        [--set model.vision.init_seed=1 ...] [--feature-dtype float16|float32]
+        [--set model.vision.init_seed=1 ...] [--feature-dtype auto|float16|float32]
 
 ``--stage all`` runs index + samples; ``features`` (the frozen vision tower's pooled features of
 every sample shard, OUT/features/<key>/) runs on its own, after samples.
@@ -75,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a dotted key of the preset file, e.g. model.vision.init_seed=1 (repeatable)")
     g.add_argument("--feature-dtype", choices=FEATURE_DTYPES, default=DEFAULT_FEATURE_DTYPE,
-                   help="storage dtype of the cached features (computed in the tower's dtype)")
+                   help="storage dtype of the cached features (computed in the tower's dtype; auto: the dtype "
+                        "that holds them exactly, float32 for a bfloat16 tower)")
     g.add_argument("--feature-actors", type=int, default=2, help="vision-tower actors (each builds the tower once)")
     g.add_argument("--feature-gpus", type=float, default=0.0, help="GPUs per actor (0: CPU)")
     g.add_argument("--feature-rows-per-call", type=int, default=1,

@@ -197,6 +197,9 @@ class TrainRecipe:
         init = Zero3Init(ds_config) if train.zero_stage == 3 else None
         self.parts = build_training(train, self.model_cfg, self.planned_steps, TemplateSet(**self.config["templates"]),
                                     init=init)
+        # The frozen tower is not part of the module DeepSpeed wraps (handsonvlm.vision.FrozenTower): it runs on
+        # this worker's device in model.vision.dtype, never cast, partitioned or optimised (docs/MODEL.md, "Precision")
+        self.parts.model.vision.to(self.device)
         # DeepSpeed wraps the client optimizer and steps the client schedule inside engine.step()
         self.engine, _, _, _ = deepspeed.initialize(model=self.parts.model, optimizer=self.parts.optimizer,
                                                     lr_scheduler=self.parts.scheduler, config=ds_config)

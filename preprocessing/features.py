@@ -63,10 +63,14 @@ log = logging.getLogger(__name__)
 
 VISION_CONFIG_FILE = "vision_config.json"
 # Bump when the computation behind a key changes (decoding, CLIP preprocessing, pooling): a new
-# version gives new keys, so old caches are never read as current.
-FEATURE_VERSION = 1
-FEATURE_DTYPES = ("float16", "float32")
-DEFAULT_FEATURE_DTYPE = "float16"
+# version gives new keys, so old caches are never read as current. 2: the resize is Pillow's uint8 bicubic.
+FEATURE_VERSION = 2
+AUTO_FEATURE_DTYPE = "auto"  # store exactly what the tower computes (see EXACT_STORAGE)
+FEATURE_DTYPES = (AUTO_FEATURE_DTYPE, "float16", "float32")
+DEFAULT_FEATURE_DTYPE = AUTO_FEATURE_DTYPE
+# tower dtype (model.vision.dtype) -> the Parquet dtype that holds its features exactly: Arrow has no
+# bfloat16, and bfloat16 -> float16 loses the small and the large values, so bfloat16 is stored as float32
+EXACT_STORAGE = {"float16": "float16", "float32": "float32", "bfloat16": "float32"}
 ROW_GROUP_ROWS = 32  # rows per Parquet row group (a row of real CLIP features is ~1.3 MB in fp16)
 FEATURES_TABLE = b"handtraj_features"
 
@@ -92,16 +96,32 @@ def feature_key(cfg) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def resolve_feature_dtype(dtype: str, cfg) -> str:
+    """``auto`` -> the storage dtype that keeps the tower's features bit for bit (:data:`EXACT_STORAGE` of
+    ``model.vision.dtype``), so that training from the cache sees what the online path computes; an
+    explicit ``float16``/``float32`` is kept (``float16`` of a float32 tower rounds the features)."""
+    if dtype not in FEATURE_DTYPES:
+        raise ValueError(f"feature dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
+    if dtype != AUTO_FEATURE_DTYPE:
+        return dtype
+    tower_dtype = _model_config(cfg).vision.dtype
+    if tower_dtype not in EXACT_STORAGE:
+        raise ValueError(f"model.vision.dtype {tower_dtype!r} has no exact feature storage; "
+                         f"one of {sorted(EXACT_STORAGE)}")
+    return EXACT_STORAGE[tower_dtype]
+
+
 def feature_fingerprint(sample_fingerprint: str, key: str, dtype: str) -> str:
     """Changes when the sample shard (its done-marker fingerprint), the tower or the storage dtype changes."""
     salt = f"samples={sample_fingerprint};key={key};dtype={dtype};v={FEATURE_VERSION};schema={SCHEMA_VERSION}"
     return hashlib.sha256(salt.encode()).hexdigest()[:24]
 
 
-def feature_schema(num_frames: int, channels: int, grid_tokens: int, dtype: str = DEFAULT_FEATURE_DTYPE,
+def feature_schema(num_frames: int, channels: int, grid_tokens: int, dtype: str = "float16",
                    key: str = "", computed_dtype: str = "float32") -> pa.Schema:
-    """Schema of one feature shard (``handtraj_features``); tensors are nested fixed_size_lists."""
-    if dtype not in FEATURE_DTYPES:
+    """Schema of one feature shard (``handtraj_features``); tensors are nested fixed_size_lists of ``dtype``
+    (``float16`` or ``float32``, resolved: :func:`resolve_feature_dtype`)."""
+    if dtype not in FEATURE_DTYPES or dtype == AUTO_FEATURE_DTYPE:
         raise ValueError(f"feature dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
     value_type = pa.float16() if dtype == "float16" else pa.float32()
 
@@ -144,17 +164,11 @@ def tower_dims(tower, spatial_pool: int) -> tuple[int, int]:
 
 
 def clip_features(frames, tower, spatial_pool: int):
-    """frames [B, F, 3, S, S] -> (means [B, F, C], grids [B, F, G, C]) as float32 numpy.
+    """frames [B, F, 3, S, S] -> (means [B, F, C], grids [B, F, G, C]) as float32 numpy (exact for every
+    tower dtype): ``handsonvlm.vision.tower_features``, the function ``HandsOnVLM.frame_features`` calls."""
+    from handsonvlm.vision import tower_features
 
-    The same operations as ``HandsOnVLM.frame_features`` (tower on the B*F frames, then pooling)."""
-    import torch
-
-    from handsonvlm.vision import pool_frames
-
-    with torch.no_grad():
-        b, f = frames.shape[:2]
-        means, grids = pool_frames(tower(frames.flatten(0, 1)), spatial_pool)
-        means, grids = means.unflatten(0, (b, f)), grids.unflatten(0, (b, f))
+    means, grids = tower_features(tower, frames, spatial_pool)
     return means.float().cpu().numpy(), grids.float().cpu().numpy()
 
 
@@ -234,7 +248,8 @@ def process_feature_shard(spec: dict, cfg, out: str, dtype: str = DEFAULT_FEATUR
 
     ``spec``: ``{split, shard_id, samples (URI of the sample shard), sample_fingerprint, key,
     fingerprint}`` (see :func:`plan_feature_shards`; ``key``/``fingerprint`` default from ``cfg``).
-    ``cfg``: a ``ModelConfig`` (or its dict). ``tower``: a prebuilt tower (built from ``cfg`` if
+    ``cfg``: a ``ModelConfig`` (or its dict). ``dtype``: the storage dtype (``auto``: exact for the
+    tower's dtype, :func:`resolve_feature_dtype`). ``tower``: a prebuilt tower (built from ``cfg`` if
     None). ``rows_per_call``: rows whose frames go through the tower together; 1 (default) makes
     every row's features bit-identical to ``model.frame_features(clip[None])``, more is faster on
     GPUs and equal up to float rounding. Outputs are written atomically in the order features ->
@@ -242,8 +257,7 @@ def process_feature_shard(spec: dict, cfg, out: str, dtype: str = DEFAULT_FEATUR
     """
     t0 = time.perf_counter()
     cfg = _model_config(cfg)
-    if dtype not in FEATURE_DTYPES:
-        raise ValueError(f"feature dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
+    dtype = resolve_feature_dtype(dtype, cfg)
     if rows_per_call < 1:
         raise ValueError("rows_per_call must be >= 1")
     key = spec.get("key") or feature_key(cfg)
@@ -463,8 +477,7 @@ def run_features_stage(out: str, splits: Sequence[str], cfg, dtype: str = DEFAUL
     from preprocessing.stages import update_manifest
 
     cfg = _model_config(cfg)
-    if dtype not in FEATURE_DTYPES:
-        raise ValueError(f"feature dtype must be one of {FEATURE_DTYPES}, got {dtype!r}")
+    dtype = resolve_feature_dtype(dtype, cfg)
     t0 = time.perf_counter()
     key = feature_key(cfg)
     _write_vision_config(out, cfg, key, dtype, None)

@@ -255,26 +255,39 @@ def fixed_rows(plan: Mapping, mixture, store: RowStore) -> list[dict]:
 class FeatureLookup:
     """Cached frozen-vision features (``pipelines/preprocess.py --stage features``) for rows of the
     sample shards, read a shard at a time and kept within ``cache_bytes`` (least recently used out:
-    the draws visit the shards in random order)."""
+    the draws visit the shards in random order) in their stored dtype, with each shard's
+    ``sample_id -> row`` index. A call converts only the rows it is asked for (O(batch), not O(shard))."""
 
     def __init__(self, out: str, key: str, split: str, cache_bytes: int = 256 * MB):
         self.out, self.key, self.split = out, key, split
-        self.tables = ByteLRU(cache_bytes, lambda table: table.nbytes)
+        self.shards = ByteLRU(cache_bytes, lambda shard: shard[0].nbytes)
+
+    def _shard(self, shard: str) -> tuple[pa.Table, dict[str, int]]:
+        """(the feature table as stored, sample_id -> its row)."""
+        from preprocessing.features import read_feature_table
+
+        def load() -> tuple[pa.Table, dict[str, int]]:
+            table = read_feature_table(self.out, self.key, self.split, shard)
+            return table, {sid: i for i, sid in enumerate(table.column("sample_id").to_pylist())}
+        return self.shards.get(shard, load)
 
     def __call__(self, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """rows (with their shard ``path``) -> frame_means [B, F, C], frame_grids [B, F, G, C] float32."""
-        from preprocessing.features import align_features, read_feature_table
+        """rows (with their shard ``path``) -> frame_means [B, F, C], frame_grids [B, F, G, C] float32
+        (exact: the stored values, see ``preprocessing.features.resolve_feature_dtype``)."""
+        from preprocessing.schema import tensor_column
 
         means, grids = [None] * len(rows), [None] * len(rows)
         by_shard: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             by_shard.setdefault(layout.shard_id(row[PATH_COLUMN]), []).append(i)
         for shard, idx in by_shard.items():
-            table = self.tables.get(shard, lambda s=shard: read_feature_table(self.out, self.key, self.split, s))
-            m, g, present = align_features(table, [rows[i]["sample_id"] for i in idx])
-            if not present.all():
-                raise KeyError(f"feature shard {shard} lacks {int((~present).sum())} of its samples; "
+            table, where = self._shard(shard)
+            take = [where.get(rows[i]["sample_id"], -1) for i in idx]
+            if min(take) < 0:
+                raise KeyError(f"feature shard {shard} lacks {sum(t < 0 for t in take)} of its samples; "
                                f"re-run the features stage or set train.feature_cache=off")
+            picked = table.take(pa.array(take, pa.int64()))  # the asked rows only, still in the stored dtype
+            m, g = tensor_column(picked, "frame_means", np.float32), tensor_column(picked, "frame_grids", np.float32)
             for j, i in enumerate(idx):
                 means[i], grids[i] = m[j], g[j]
         return torch.from_numpy(np.stack(means)), torch.from_numpy(np.stack(grids))

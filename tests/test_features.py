@@ -107,9 +107,11 @@ def test_layout_and_row_contract(processed):
             assert table.column("sample_row").to_pylist() == list(range(samples.num_rows))
             assert set(table.column("schema_version").to_pylist()) == {1}
             field = table.schema.field("frame_grids")
-            assert field.metadata[b"dtype"] == b"float16" and field.metadata[b"shape"] == b"[10, 16, 32]"
+            # the default storage (auto) of the tiny float32 tower: float32, what the tower computes
+            assert field.metadata[b"dtype"] == b"float32" and field.metadata[b"shape"] == b"[10, 16, 32]"
+            assert field.metadata[b"computed_dtype"] == b"float32"
             assert table.schema.metadata[b"vision_key"] == key.encode()
-            assert tensor_column(table, "frame_means").dtype == np.float16
+            assert tensor_column(table, "frame_means").dtype == np.float32
             assert feature_shard_current(str(processed), key, split, shard_id)
 
 
@@ -119,13 +121,13 @@ def test_values_equal_the_models_frame_features(processed, model):
         for shard_id in sample_shards(processed, split):
             ref_means, ref_grids = reference_features(model, read_samples(processed, split, shard_id))
             table = read_feature_table(str(processed), key, split, shard_id)
-            # fp16 storage = the exact fp32 features rounded once to fp16
-            np.testing.assert_array_equal(tensor_column(table, "frame_means"), ref_means.astype(np.float16))
-            np.testing.assert_array_equal(tensor_column(table, "frame_grids"), ref_grids.astype(np.float16))
+            # the default (auto) storage holds the model's features bit for bit
+            np.testing.assert_array_equal(tensor_column(table, "frame_means"), ref_means)
+            np.testing.assert_array_equal(tensor_column(table, "frame_grids"), ref_grids)
             loaded = load_feature_shard(str(processed), key, split, shard_id)
             sid = table.column("sample_id")[0].as_py()
             assert loaded[sid][0].dtype == np.float32 and loaded[sid][1].shape == (10, 16, 32)
-            np.testing.assert_allclose(loaded[sid][0], ref_means[0], rtol=1e-3, atol=1e-3)
+            np.testing.assert_array_equal(loaded[sid][0], ref_means[0])
 
 
 def test_rerun_reuses_shards_and_removes_stale_ones(processed):
@@ -157,13 +159,13 @@ def test_rerun_reuses_shards_and_removes_stale_ones(processed):
         storage.write_json_atomic(done, marker)
 
 
-def test_vision_change_gives_a_new_key_and_float32_is_exact(processed):
+def test_vision_change_gives_a_new_key_and_float16_rounds_once(processed):
     key0 = feature_key(load_model_config("tiny"))
     cfg1 = load_model_config("tiny", SEED1)
     key1 = feature_key(cfg1)
     assert key1 != key0
     old = {p: p.stat().st_mtime_ns for p in (processed / "features" / key0).rglob("*")}
-    assert run_features(processed, "--set", SEED1[0], "--feature-dtype", "float32") == 0
+    assert run_features(processed, "--set", SEED1[0], "--feature-dtype", "float16") == 0
     assert {p: p.stat().st_mtime_ns for p in (processed / "features" / key0).rglob("*")} == old  # untouched
     assert json.loads((processed / "features" / key1 / VISION_CONFIG_FILE).read_text())["vision"]["init_seed"] == 1
     model1 = HandsOnVLM(cfg1).eval()
@@ -171,9 +173,10 @@ def test_vision_change_gives_a_new_key_and_float32_is_exact(processed):
         for shard_id in sample_shards(processed, split):
             ref_means, ref_grids = reference_features(model1, read_samples(processed, split, shard_id))
             table = read_feature_table(str(processed), key1, split, shard_id)
-            assert table.schema.field("frame_means").metadata[b"dtype"] == b"float32"
-            np.testing.assert_array_equal(tensor_column(table, "frame_means"), ref_means)  # bit-exact
-            np.testing.assert_array_equal(tensor_column(table, "frame_grids"), ref_grids)
+            assert table.schema.field("frame_means").metadata[b"dtype"] == b"float16"
+            # float16 storage of a float32 tower (asked for) = the exact features rounded once to float16
+            np.testing.assert_array_equal(tensor_column(table, "frame_means"), ref_means.astype(np.float16))
+            np.testing.assert_array_equal(tensor_column(table, "frame_grids"), ref_grids.astype(np.float16))
             seed0 = tensor_column(read_feature_table(str(processed), key0, split, shard_id), "frame_means", np.float32)
             assert not np.allclose(seed0, ref_means, atol=1e-2)  # really another tower
 
@@ -221,7 +224,7 @@ def test_cli_validation(tmp_path):
                                "--set", "model.vision.nonsense=1"])
     args = preprocess.parse_args(["--stage", "features", "--out", str(tmp_path), "--model-config", TINY,
                                   "--set", SEED1[0]])
-    assert args.model_cfg.vision.init_seed == 1 and args.feature_dtype == "float16"
+    assert args.model_cfg.vision.init_seed == 1 and args.feature_dtype == "auto"
     with pytest.raises(SystemExit):  # other stages keep requiring their inputs
         preprocess.parse_args(["--stage", "samples", "--out", str(tmp_path)])
 
@@ -257,3 +260,59 @@ def test_efficientnet_tower_has_its_own_key_and_exact_float32_cache(processed, t
     np.testing.assert_array_equal(tensor_column(table, "frame_grids"), ref_grids)
     clip_means = tensor_column(read_feature_table(str(processed), clip_key, split, shard_id), "frame_means")
     assert clip_means.shape[-1] == 32  # the CLIP cache of the same shard is another tower's
+
+
+def test_auto_storage_holds_every_tower_dtype_exactly():
+    """``auto`` stores what the tower computes bit for bit: float16 for a float16 tower, float32 for float32
+    and bfloat16 ones (Arrow has no bfloat16, and float16 loses bfloat16's small and large values)."""
+    from preprocessing.features import resolve_feature_dtype
+
+    expected = {"float16": "float16", "float32": "float32", "bfloat16": "float32"}
+    for tower_dtype, stored in expected.items():
+        cfg = load_model_config("tiny", [f"model.vision.dtype={tower_dtype}"])
+        assert resolve_feature_dtype("auto", cfg) == stored
+        assert resolve_feature_dtype("float16", cfg) == "float16"  # an explicit choice is kept
+        values = (torch.randn(4096) * torch.logspace(-8, 6, 4096)).to(getattr(torch, tower_dtype))
+        roundtrip = torch.from_numpy(values.float().numpy().astype(stored)).to(values.dtype)
+        assert torch.equal(roundtrip, values)
+    bf16 = torch.tensor([1e-6, 7e4], dtype=torch.bfloat16)  # below float16's normal range, above its max
+    assert not torch.equal(bf16.half().to(torch.bfloat16), bf16)
+    with pytest.raises(ValueError, match="feature dtype must be one of"):
+        resolve_feature_dtype("bfloat16", load_model_config("tiny"))
+
+
+def test_feature_lookup_converts_only_the_rows_asked_for(tmp_path):
+    """FeatureLookup picks the rows from the cached (stored-dtype) shard and converts only those: the memory a
+    call allocates grows with the rows asked for, not with the shard (it used to convert the whole shard
+    to float32 on every batch), and the values are the stored ones."""
+    import tracemalloc
+
+    from preprocessing.features import _ShardWriter, feature_schema
+    from preprocessing.training_data import PATH_COLUMN, FeatureLookup
+
+    key, split, shard, rows, frames, channels, grid = "k", "train", "P01_01-0", 64, 10, 32, 16
+    rng = np.random.default_rng(0)
+    means = rng.standard_normal((rows, frames, channels)).astype(np.float16)
+    grids = rng.standard_normal((rows, frames, grid, channels)).astype(np.float16)
+    writer = _ShardWriter(feature_schema(frames, channels, grid, "float16", key))
+    writer.add([f"s{i}" for i in range(rows)], list(range(rows)), means, grids)
+    writer.commit(feature_paths(str(tmp_path), key, split, shard)["features"])
+    lookup = FeatureLookup(str(tmp_path), key, split)
+    path = f"/data/samples/{split}/{shard}.parquet"
+
+    def peak_bytes(picked: list[int]) -> int:
+        tracemalloc.start()
+        try:
+            got_means, got_grids = lookup([{"sample_id": f"s{i}", PATH_COLUMN: path} for i in picked])
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        np.testing.assert_array_equal(got_means.numpy(), means[picked].astype(np.float32))
+        np.testing.assert_array_equal(got_grids.numpy(), grids[picked].astype(np.float32))
+        return peak
+
+    peak_bytes([0])  # reads the shard into the cache
+    row_fp32 = (frames * channels + frames * grid * channels) * np.dtype(np.float32).itemsize
+    few, many = peak_bytes([5, 40]), peak_bytes(list(range(0, rows, 2)))
+    assert few < 0.1 * rows * row_fp32  # converting the shard alone would take rows * row_fp32
+    assert many > (rows // 2) * row_fp32 and many > 8 * few  # the measure sees the conversion; it scales with rows

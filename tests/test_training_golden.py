@@ -4,8 +4,9 @@
 rows from a fixed seed must reproduce these numbers, so a change that reorders RNG draws, model
 or optimizer construction, data order or float ops shows up here in seconds, without Ray or
 DeepSpeed. They change only on purpose, and the commit that changes them says why. Last change: the
-batches are now the mixture's task-first draws over the rows (each with its own conversation),
-and the project's answer wordings were rewritten so that none is the release's.
+frames are resized with Pillow's bicubic on uint8 (``handsonvlm.image.preprocess_frames``, the
+release processor's resize) instead of a float32 torch bicubic; with the old resize patched back in,
+the values before this change are reproduced.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ ACTIONS = [("take cup", "cup", "Where should my hand move to if I want to have a
 
 GOLDEN_TASKS = [["rbhp", "rbhp"], ["vhp", "rbhp"], ["rbhp", "rbhp"], ["rbhp", "vhp"], ["rbhp", "vhp"]]
 GOLDEN_LOSSES = [  # loss, text_loss, traj_loss, kl_loss of each step (before that step's update)
-    (20.972211837768555, 7.0427470207214355, 13.917266845703125, 12.198707580566406),
-    (16.899738311767578, 6.941466808319092, 9.945923805236816, 12.346885681152344),
-    (8.949257850646973, 6.7582316398620605, 2.1843769550323486, 6.649541854858398),
-    (7.97922420501709, 6.7418131828308105, 1.22947096824646, 7.940071105957031),
-    (9.11495590209961, 6.674785137176514, 2.426966667175293, 13.20361614227295),
+    (20.971172332763672, 7.042774677276611, 13.916196823120117, 12.200715065002441),
+    (16.899147033691406, 6.9412970542907715, 9.945497512817383, 12.352127075195312),
+    (8.949159622192383, 6.758041858673096, 2.184469699859619, 6.64848518371582),
+    (7.9797282218933105, 6.7416863441467285, 1.2301048040390015, 7.937227725982666),
+    (9.113289833068848, 6.674588680267334, 2.425499677658081, 13.201631546020508),
 ]
-GOLDEN_FIXED_BATCH_LOSS = {"initial": 24.85763931274414, "final": 11.675036430358887}
+GOLDEN_FIXED_BATCH_LOSS = {"initial": 24.856605529785156, "final": 11.673791885375977}
 
 
 def golden_rows(count: int) -> list[dict]:

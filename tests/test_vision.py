@@ -216,7 +216,7 @@ def test_preprocess_centre_crop_keeps_middle():
     rgb = _denormalise(out[0])
     interior = rgb[:, :, 1:-1]  # the outermost columns straddle the red/blue edge
     assert interior[0].max() < 1.0 and interior[2].min() > 254.0  # blue, no red
-    assert rgb[0].max() < 128.0  # at most a half-red blend at the borders
+    assert rgb[0].max() <= 128.0  # at most a half-red blend (127.5, rounded up on uint8) at the borders
 
 
 def test_preprocess_matches_plain_normalisation_when_already_square():
@@ -228,18 +228,20 @@ def test_preprocess_matches_plain_normalisation_when_already_square():
 
 
 def test_preprocess_agrees_with_hf_clip_processor():
-    """Within one grey level of transformers' PIL CLIP processor (default = openai's settings) on smooth frames."""
+    """transformers' PIL CLIP processor (default = openai's settings): the same uint8 resize (Pillow's bicubic),
+    so the pixel values agree within float32 rounding, on smooth and on noisy frames."""
     pytest.importorskip("PIL")
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, (2, EPIC_H, EPIC_W, 3), dtype=np.uint8)
-    frames = np.stack([cv2.GaussianBlur(f, (0, 0), sigmaX=3) for f in noise])  # natural-image-like
+    smooth = np.stack([cv2.GaussianBlur(f, (0, 0), sigmaX=3) for f in noise])  # natural-image-like
+    frames = np.concatenate([smooth, noise])
     reference = CLIPImageProcessorPil()(images=list(frames), return_tensors="pt")["pixel_values"]
     out = preprocess_frames(frames)
     grey_levels = (out - reference).abs() * torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255.0
-    assert out.shape == reference.shape == (2, 3, 224, 224)
-    assert grey_levels.max() <= 1.0 + 1e-3 and grey_levels.mean() < 0.25
+    assert out.shape == reference.shape == (4, 3, 224, 224)
+    assert grey_levels.max() < 1e-3  # float rounding of /255 and the normalisation; one grey level is 1
 
 
 def test_renormalize_gives_another_towers_normalisation():
