@@ -404,12 +404,18 @@ class EvalConfig(SamplingConfig):
     shuffle_frames: bool = field(default=False, metadata={
         "help": "also ask each clip its own question with another clip's frames (does the model look?)"})
     batch_size: int = field(default=8, metadata={"help": "clips per map_batches call"})
-    replicas: int | None = field(default=None, metadata={"help": "model replicas (default: #GPUs, else 1)"})
+    # cuda: every replica requests a GPU (an autoscaler adds GPU nodes; a local Ray without them fails at
+    # once); auto: cuda when the Ray cluster has a GPU per replica now, else cpu (for local runs); cpu: CPUs.
+    device: str = field(default="auto", metadata={
+        "choices": DEVICES, "help": "where the model replicas run: auto, cuda (one GPU each) or cpu"})
+    replicas: int | None = field(default=None, metadata={
+        "help": "model replicas (default: on cuda, the cluster's GPUs now, at least 1; on cpu, 1)"})
     gallery: int = field(default=8, metadata={"help": "overlay PNGs per task"})
 
     def __post_init__(self):
         super().__post_init__()
         _check_choice("eval", "task", self.task, TASK_CHOICES)
+        _check_choice("eval", "device", self.device, DEVICES)
         for name in ("limit", "replicas"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -34,6 +34,7 @@ EVEN_PIXELS = 2  # overlay heights are a multiple of this: video encoders need e
 MESSAGE_CHARS = 300  # a loader's message is cut to its first line and this many characters
 EXPORT_HINT = "pass the directory written by pipelines/train.py, e.g. runs/models/<run-name>"
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # SamplingConfig.dtype -> torch
+DEFAULT_LOAD_DTYPE = "fp32"  # load_model without a dtype (what an export was before inference dtypes)
 RELEASE_DEFAULT_TEMPLATE = "llava_v0"  # what the release's evaluator picks for a name without "v1"
 
 log = logging.getLogger(__name__)
@@ -65,12 +66,17 @@ def read_model_config(directory: str | Path) -> ModelConfig:
 
 
 def resolve_device(device: str = "auto") -> str:
-    """``"auto"``: cuda when available, else cpu; anything else as given (cpu, cuda, cuda:1, ...)."""
-    if device != "auto":
-        return str(device)
+    """``"auto"``: cuda when available, else cpu; anything else as given (cpu, cuda, cuda:1, ...), after
+    checking that a CUDA device asked for exists here (``handsonvlm.devices.DeviceError`` otherwise,
+    naming ``--device cpu``: a GPU request never silently runs on CPU)."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from handsonvlm.devices import check_local_device
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    check_local_device(str(device), torch.cuda.device_count())
+    return str(device)
 
 
 def enable_tf32() -> bool:
@@ -88,24 +94,32 @@ def enable_tf32() -> bool:
 def load_model(directory: str | Path, device: str = "auto", dtype: str | None = None):
     """``(model in eval mode on its device, device)``; ``device="auto"``: cuda when available, else cpu.
 
-    ``dtype`` (``"fp32"``/``"fp16"``/``"bf16"``, a resolved ``SamplingConfig.dtype``): the weights
-    the model runs with (:func:`cast_for_inference`); None keeps the export's fp32. On CUDA, TF32 is
-    turned on (:func:`enable_tf32`)."""
+    ``dtype`` (``"fp32"``/``"fp16"``/``"bf16"``, a resolved ``SamplingConfig.dtype``; None: fp32): the
+    LM, projector and decoder are loaded in it directly on the device (``HandsOnVLM.from_pretrained``:
+    no fp32 copy, no random init), the frozen vision tower in the config's ``model.vision.dtype``, as
+    :func:`cast_for_inference` would leave them. On CUDA, TF32 is turned on (:func:`enable_tf32`)."""
     from handsonvlm.model import CONFIG_FILE, WEIGHTS_FILE, HandsOnVLM
 
     directory = check_export(directory, (CONFIG_FILE, WEIGHTS_FILE))
+    device = resolve_device(device)
+    target = torch_dtype(dtype or DEFAULT_LOAD_DTYPE)
     try:
-        model = HandsOnVLM.from_pretrained(directory)
+        model = HandsOnVLM.from_pretrained(directory, map_location=device, dtype=target)
     except (OSError, RuntimeError, ValueError) as exc:
         first = (str(exc).splitlines() or [""])[0][:MESSAGE_CHARS]
         raise ModelLoadError(f"cannot load the model from {directory}: {first}") from exc
-    device = resolve_device(device)
     if device.startswith("cuda"):
         enable_tf32()
-    model = model.to(device).eval()
-    if dtype is not None:
-        cast_for_inference(model, dtype)
-    return model, device
+    return model.eval(), device
+
+
+def torch_dtype(dtype: str):
+    """``"fp32"``/``"fp16"``/``"bf16"`` (a resolved ``SamplingConfig.dtype``) -> the torch dtype."""
+    import torch
+
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(TORCH_DTYPES)} (resolve 'auto' first), got {dtype!r}")
+    return getattr(torch, TORCH_DTYPES[dtype])
 
 
 def cast_for_inference(model, dtype: str):
@@ -114,11 +128,7 @@ def cast_for_inference(model, dtype: str):
     The tower keeps the config's ``model.vision.dtype`` (fp16 in the 7B/13B presets, as the release
     ran CLIP); its features are cast to the projector's dtype. The trajectory decoder returns float32
     whatever its weights' dtype."""
-    import torch
-
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(TORCH_DTYPES)} (resolve 'auto' first), got {dtype!r}")
-    target = getattr(torch, TORCH_DTYPES[dtype])
+    target = torch_dtype(dtype)
     for name, child in model.named_children():
         if name != "vision":
             child.to(target)

@@ -17,6 +17,8 @@ are index arithmetic, not per-sample loops (the release loops over samples for a
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -37,6 +39,14 @@ VISION_PREFIX = "vision."  # the tower's keys in the model's state dict (exports
 WEIGHTS_FILE = "model.safetensors"
 TIED_LM_HEAD_KEY = "lm.lm_head.weight"  # not saved when the LM ties it to its input embeddings
 CONFIG_FILE = "handsonvlm_config.json"
+FLASH_ATTENTION = "flash_attention_2"
+FALLBACK_ATTENTION = "sdpa"  # what a flash-attention export runs with where flash-attention cannot
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # the only dtypes flash-attention takes
+# PyTorch's warning for each tensor a module copies into a meta parameter (a no-op): the EfficientNet tower
+# loads its package's weights as it is built, which an empty build skips (the export's weights follow).
+META_COPY_WARNING = ".*copying from a non-meta parameter in the checkpoint to a meta parameter"
+
+log = logging.getLogger(__name__)
 
 
 class ModelInit:
@@ -341,19 +351,48 @@ class HandsOnVLM(nn.Module):
         self.tokenizer.save_pretrained(str(directory))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu") -> HandsOnVLM:
-        from safetensors.torch import load_file
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> HandsOnVLM:
+        """The model :meth:`save_pretrained` wrote to ``directory``, on ``map_location``: the LM, projector
+        and decoder in ``dtype`` (default fp32), the frozen vision tower in its configured
+        ``model.vision.dtype``, whatever dtype the file holds.
+
+        No weight is initialised: the model is built with its parameters on the meta device (buffers, e.g.
+        the LM's rotary ``inv_freq``, are computed as in a normal build), then each tensor of the
+        safetensors file is read (``pread``, no page-cache mapping kept), converted to its dtype on
+        ``map_location`` and assigned (``load_state_dict(assign=True)``). Peak host memory is the weights in
+        their target dtype plus one tensor: a bf16 7B export loads in bf16 (~14 GB), not through an fp32
+        model (~27 GB). An export asking for flash-attention gets it only where it can run
+        (:func:`inference_attention`; otherwise sdpa and one warning). Missing or unexpected keys raise
+        ``RuntimeError``."""
+        from accelerate import init_empty_weights
+        from safetensors import safe_open
 
         directory = Path(directory)
         cfg = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
         cfg.lm.tokenizer = str(directory)
-        model = cls(cfg)
-        missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS_FILE), device=map_location),
-                                                    strict=False)
-        tied = {"lm.lm_head.weight"} if model.lm.config.tie_word_embeddings else set()
-        if unexpected or set(missing) - tied:
-            raise RuntimeError(f"checkpoint mismatch: missing {sorted(set(missing) - tied)}, unexpected {unexpected}")
-        return model
+        cfg.lm.attn_implementation = inference_attention(cfg.lm.attn_implementation, dtype, map_location)
+        with init_empty_weights(include_buffers=False), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=META_COPY_WARNING, category=UserWarning)
+            model = cls(cfg)
+        tower_dtype = model.vision.dtype
+        state = {}
+        with safe_open(str(directory / WEIGHTS_FILE), framework="pt", device=str(map_location), backend="pread") as f:
+            for key in f.offset_keys():  # file order: sequential reads
+                tensor = f.get_tensor(key)
+                if tensor.is_floating_point():
+                    tensor = tensor.to(tower_dtype if key.startswith(VISION_PREFIX) else dtype)
+                state[key] = tensor
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        del state
+        tied = {TIED_LM_HEAD_KEY} if model.lm.config.tie_word_embeddings else set()
+        if tied:  # assign replaced the embedding's Parameter (the head is not in the file): tie the head to it
+            model.lm.tie_weights()
+        empty = sorted(k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta)
+        if unexpected or set(missing) - tied or empty:
+            raise RuntimeError(f"checkpoint mismatch: missing {sorted((set(missing) - tied) | set(empty))}, "
+                               f"unexpected {unexpected}")
+        return model.to(map_location)  # the buffers (built on the CPU) join the weights
 
 
 def _add_vision_state(module: HandsOnVLM, state: dict, prefix: str, local_metadata) -> None:

@@ -7,6 +7,7 @@ import logging
 import os
 from pathlib import Path
 
+from handsonvlm.devices import DeviceError, backend_for, resolve_use_gpu  # noqa: F401 (the entry points' names)
 from preprocessing import storage
 
 DEFAULT_OBJECT_STORE_BYTES = 1 << 30  # a bounded store leaves room for workers on small machines
@@ -134,31 +135,3 @@ def trained_preset(model_dir: str, default: str) -> str:
     except (ModelLoadError, OSError):
         return default
     return name if Path(name).name == name and (CONFIG_DIR / f"{name}.yaml").is_file() else default
-
-
-class DeviceError(RuntimeError):
-    """A run configured for GPUs that cannot get them."""
-
-
-def resolve_use_gpu(device: str, gpus_available: float, num_workers: int, can_autoscale: bool,
-                    what: str = "train", where: str = "this Ray") -> bool:
-    """Whether ``num_workers`` workers run on GPUs (one each), from ``<what>.device``:
-
-    * ``auto``: if ``gpus_available`` covers every worker now;
-    * ``cuda``: always; raises :class:`DeviceError` when they are missing and nothing can add them
-      (a local Ray: ``can_autoscale`` False), rather than running a GPU preset on CPU;
-    * ``cpu``: never."""
-    if device == "cpu":
-        return False
-    if device == "auto":
-        return gpus_available >= num_workers
-    if gpus_available < num_workers and not can_autoscale:
-        raise DeviceError(f"{what}.device=cuda needs {num_workers} GPUs (one per worker) and {where} has "
-                          f"{gpus_available:g}: run it on a GPU cluster (ray job submit ...), or force CPU with "
-                          f"--set {what}.device=cpu (slow; meant for smoke tests)")
-    return True
-
-
-def backend_for(use_gpu: bool) -> str:
-    """torch.distributed's backend and DeepSpeed's accelerator follow the device."""
-    return "nccl" if use_gpu else "gloo"

@@ -10,7 +10,8 @@ the model's exported ``model.name`` names, else ``tiny``), then ``--set``, then 
 (top-k, length, dtype, prompt template) takes the model mode's value (``handsonvlm.inference.resolve_sampling``,
 docs/MODEL.md "Inference settings"), and those resolved settings run, are printed and logged. The driver builds
 the prompts of the first ``--limit`` clips (``sample_id`` order); an actor pool of ``--replicas``
-:class:`Predictor` (a GPU each when the cluster has GPUs, else a CPU) answers them; the driver scores them
+:class:`Predictor` answers them, each on a GPU or a CPU as ``eval.device`` says (``--device``; cuda requests
+the GPUs, which an autoscaler provides; ``handsonvlm.devices.eval_actors``); the driver scores them
 (``handsonvlm.evaluation``), writes ``metrics.json``, ``predictions.parquet`` and ``gallery/*.png`` to
 ``OUT/eval/<run-name>/`` (``runs/eval/<run-name>/`` for a URI ``--data``), logs them as one MLflow run (tag
 ``stage=eval``, linked to the training run of ``--model``) and prints a table. Keys and columns:
@@ -20,6 +21,7 @@ docs/METRICS.md, "Evaluation". Exit status 0 on success, 1 when evaluation fails
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -36,6 +38,7 @@ import pyarrow.parquet as pq
 from handsonvlm import evaluation
 from handsonvlm.config import EvalConfig, add_section_flags
 from handsonvlm.constants import NUM_FUTURE_POINTS
+from handsonvlm.devices import DeviceError, eval_actors
 from handsonvlm.evaluation import TRAJECTORY_SHAPE
 from handsonvlm.inference import ModelLoadError, check_export, read_model_config, resolve_sampling
 from pipelines import common, tracking
@@ -67,14 +70,16 @@ class EvalError(Exception):
 
 
 def generate_for_jobs(model, jobs: list[dict], frames: list, settings: EvalConfig) -> list[dict]:
-    """Answer ``jobs`` (frames[i]: the clip of jobs[i], [F, 3, S, S]) in one left-padded call, K samples
-    each, seeded by the first job -> one result dict per job (see ``evaluation.prediction_row``).
+    """Answer ``jobs`` (frames[i]: the clip of jobs[i] as its pooled tower features, ``model.frame_features``
+    of [1, F, 3, S, S]: means [1, F, C], grids [1, F, G, C]) in one left-padded call, K samples each, seeded
+    by the first job -> one result dict per job (see ``evaluation.prediction_row``).
     ``settings``: resolved (``inference.resolve_sampling``), as :func:`run` hands them to the actors."""
     import torch
 
     from handsonvlm.inference import answer_jobs
 
-    return answer_jobs(model, jobs, settings, frames=torch.stack(frames))
+    return answer_jobs(model, jobs, settings, frame_means=torch.cat([means for means, _ in frames]),
+                       frame_grids=torch.cat([grids for _, grids in frames]))
 
 
 class Predictor:
@@ -114,6 +119,9 @@ class Predictor:
             mine = self.jobs.get(str(sample_id), [])  # jobs over this clip's frames; none: not evaluated (--limit)
             try:
                 clip = clip_frames(list(jpegs), image_size=self.model.vision.image_size) if mine else None
+                # the tower runs once per clip: all the jobs over its frames (own and shuffled question, other
+                # clips' --shuffle-frames jobs) share its pooled features
+                clip = self.model.frame_features(clip[None]) if mine else None
             except Exception as exc:  # an undecodable clip fails its jobs only
                 out += [(job, {"error": f"frames: {type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]}) for job in mine]
                 continue
@@ -126,31 +134,41 @@ class Predictor:
         return pd.DataFrame(rows, columns=list(evaluation.PREDICTION_FIELDS))  # columns even without rows
 
 
-def cluster_gpus() -> int:
-    """GPUs of the Ray cluster: the actors get one each, else they run on CPUs."""
+def place_actors(settings: EvalConfig) -> EvalConfig:
+    """``settings`` with ``device`` (cuda or cpu) and ``replicas`` made concrete for this Ray:
+    ``handsonvlm.devices.eval_actors`` from the cluster's GPUs now and whether an autoscaler can add nodes
+    (not on a local Ray this command started). ``EvalError`` when cuda cannot get its GPUs."""
     import ray
 
-    return int(ray.cluster_resources().get("GPU", 0))
+    try:
+        use_gpu, replicas = eval_actors(settings.device, settings.replicas, ray.cluster_resources().get("GPU", 0),
+                                        can_autoscale=not common.LOCAL_RAY["started"])
+    except DeviceError as exc:
+        raise EvalError(str(exc)) from exc
+    return dataclasses.replace(settings, device="cuda" if use_gpu else "cpu", replicas=replicas)
 
 
 def predict(jobs: list[dict], where: dict[str, str], model_dir: str, settings: EvalConfig, generate_fn=None):
-    """Every job answered by the actor pool: the rows of :class:`Predictor`, in any order."""
+    """Every job answered by the actor pool: the rows of :class:`Predictor`, in any order. ``settings``:
+    placed (:func:`place_actors`: ``device`` cuda or cpu, ``replicas``) and resolved."""
     import ray
 
     by_clip: dict[str, list] = {}  # by the clip whose frames the job sees (its own, or another's: --shuffle-frames)
     for job in jobs:
         by_clip.setdefault(evaluation.frames_source(job), []).append(job)
-    gpus = cluster_gpus()
-    replicas = max(1, min(settings.replicas or max(1, gpus), len(by_clip)))
+    gpu = settings.device == "cuda"
+    replicas = min(settings.replicas, len(by_clip))  # no idle replica (each loads the whole model)
+    print(f"[eval] {replicas} model replica{'s' if replicas > 1 else ''} on {'GPUs' if gpu else 'CPUs'} "
+          f"(eval.device {settings.device})", flush=True)
     disable_progress_bars(ray.data.DataContext.get_current())
     ds = ray.data.read_parquet(sorted({where[s] for s in by_clip})).select_columns(FRAME_COLUMNS)  # shards with jobs
     # a dead Predictor fails the evaluation (see map_batches_without_restarts); it reruns as it is
     ds = map_batches_without_restarts(ds, Predictor, batch_size=settings.batch_size, batch_format="pandas",
                                       compute=ray.data.ActorPoolStrategy(size=replicas),
-                                      num_gpus=1 if gpus else None, num_cpus=None if gpus else 1,
+                                      num_gpus=1 if gpu else None, num_cpus=None if gpu else 1,
                                       fn_constructor_kwargs={"model_dir": model_dir, "jobs": by_clip,
                                                              "settings": settings, "generate_fn": generate_fn,
-                                                             "device": "cuda" if gpus else "cpu"})
+                                                             "device": settings.device})
     return ds.take_all()
 
 
@@ -223,9 +241,10 @@ def run(args: argparse.Namespace, generate_fn=None) -> dict:
 
     model_dir = str(Path(args.model).absolute())
     model_cfg = read_model_config(check_export(model_dir, (CONFIG_FILE, WEIGHTS_FILE)))  # ModelLoadError: usage
+    placed = place_actors(args.eval)  # eval.device and eval.replicas for this Ray (a cuda one fails here, in seconds)
     # the mode-dependent settings (top-k, length, dtype, template) for the actors' device: what runs and is logged
     try:
-        cfg: EvalConfig = resolve_sampling(args.eval, model_cfg, model_dir, device="cuda" if cluster_gpus() else "cpu")
+        cfg: EvalConfig = resolve_sampling(placed, model_cfg, model_dir, device=placed.device)
     except ValueError as exc:  # e.g. --dtype bf16 on GPUs without it
         raise EvalError(str(exc)) from exc
     if model_cfg.num_future_points != NUM_FUTURE_POINTS:

@@ -49,6 +49,7 @@ from handsonvlm.config import (
     section_overrides,
 )
 from handsonvlm.constants import OBS_FPS
+from handsonvlm.devices import DeviceError
 from pipelines import tracking
 from preprocessing.media import InputError, Observation, model_frames, read_frames_dir, read_video
 
@@ -61,7 +62,8 @@ class SettingsError(Exception):
     """Settings that cannot run on this machine (e.g. ``--dtype bf16`` on a GPU without bf16)."""
 
 
-USER_ERRORS = (InputError, inference.ModelLoadError, OSError, SettingsError)  # one line, not a traceback
+# one line, not a traceback (DeviceError: --device cuda on a machine without that GPU, naming --device cpu)
+USER_ERRORS = (InputError, inference.ModelLoadError, OSError, SettingsError, DeviceError)
 
 
 def predict_config(preset: str | None, overrides: list[str]) -> PredictConfig:

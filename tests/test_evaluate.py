@@ -55,6 +55,7 @@ def test_sampling_flags_reach_the_settings(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [["--temperature", "-1"], ["--top-p", "0"], ["--limit", "0"], ["--config", "nope"],
+                                 ["--device", "gpu"], ["--replicas", "0"],
                                  ["--set", "eval.unknown=1"], ["--set", "model.mode=release"], ["--top-k", "-1"],
                                  ["--dtype", "fp8"], ["--prompt-template", "chatml"]])
 def test_bad_settings_are_usage_errors(bad, capsys):
@@ -67,6 +68,46 @@ def test_the_default_preset_is_the_models(tmp_path):
     assert evaluate.parse_args(["--model", _exported(tmp_path / "a", "vicuna-7b"), "--data", "d"]).config == "vicuna-7b"
     for model in (_exported(tmp_path / "b", "my-own-model"), str(tmp_path / "missing")):
         assert evaluate.parse_args(["--model", model, "--data", "d"]).config == "tiny"
+
+
+def test_replicas_go_where_eval_device_says():
+    from handsonvlm.devices import DeviceError, eval_actors
+
+    # cuda: a GPU per replica, requested even while the autoscaling cluster has none (its GPU groups start at 0)
+    assert eval_actors("cuda", None, 0, can_autoscale=True) == (True, 1)
+    assert eval_actors("cuda", None, 4, can_autoscale=False) == (True, 4)  # default: the GPUs there are now
+    assert eval_actors("cuda", 8, 2, can_autoscale=True) == (True, 8)
+    with pytest.raises(DeviceError, match=r"eval\.device=cuda needs 1 GPU \(one per replica\) and this Ray has 0: "
+                                          r".* --set eval\.device=cpu"):
+        eval_actors("cuda", None, 0, can_autoscale=False)  # a local Ray gets no GPUs later
+    with pytest.raises(DeviceError, match=r"needs 3 GPUs .* has 2"):
+        eval_actors("cuda", 3, 2, can_autoscale=False)
+    # auto: GPUs when the cluster has one per replica now, else CPUs
+    assert eval_actors("auto", None, 2, can_autoscale=False) == (True, 2)
+    assert eval_actors("auto", None, 0, can_autoscale=True) == (False, 1)
+    assert eval_actors("auto", 4, 2, can_autoscale=False) == (False, 4)
+    # cpu: one replica unless told, whatever GPUs there are
+    assert eval_actors("cpu", None, 8, can_autoscale=False) == (False, 1)
+    assert eval_actors("cpu", 3, 8, can_autoscale=False) == (False, 3)
+
+
+def test_presets_declare_the_eval_device(tmp_path):
+    from handsonvlm.config import EvalConfig, load_section
+
+    for preset, device in (("vicuna-7b", "cuda"), ("vicuna-13b", "cuda"), ("tiny", "auto")):
+        assert load_section(EvalConfig, preset, "eval").device == device, preset
+    args = evaluate.parse_args(["--model", _exported(tmp_path / "m", "vicuna-7b"), "--data", "d", "--device", "cpu",
+                                "--replicas", "2"])
+    assert (args.eval.device, args.eval.replicas) == ("cpu", 2)
+
+
+@pytest.mark.ray
+def test_cuda_evaluation_on_a_local_ray_without_gpus_fails_at_once(ray_local, model_dir, tmp_path, capsys):
+    assert ray_local.cluster_resources().get("GPU", 0) == 0
+    rc = evaluate.main(["--model", str(model_dir), "--data", str(tmp_path / "no-data"), "--device", "cuda",
+                        "--no-mlflow"])
+    err = capsys.readouterr().err
+    assert rc == evaluate.EXIT_ERROR and "eval.device=cuda needs 1 GPU" in err and "--set eval.device=cpu" in err
 
 
 @pytest.mark.ray
@@ -105,6 +146,7 @@ def test_evaluation_job(synth_data, model_dir, tmp_path, monkeypatch):
     assert params["num_samples"] == "2" and params["limit"] == str(LIMIT) and params["task"] == "both"
     assert params["config"] == "tiny" and params["max_new_tokens"] == "16" and params["shuffle_questions"] == "True"
     assert params["shuffle_frames"] == "True"
+    assert (params["device"], params["replicas"]) == ("cpu", "1")  # tiny: eval.device auto on a Ray without GPUs
     # the resolved settings (corrected mode on CPU) are what is logged, not the dataclass's None/auto
     assert (params["top_k"], params["dtype"], params["prompt_template"]) == ("0", "fp32", "vicuna_v1")
     for key in ("vhp/ade", "vhp/fde", "vhp/wde", "vhp/min_ade", "vhp/complete_only/ade", "vhp/coverage",

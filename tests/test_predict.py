@@ -149,7 +149,7 @@ def test_frames_directory_with_three_jpegs(setup, capsys, tmp_path):
     assert cv2.imread(str(png)).shape == (540, 960, 3)
 
 
-@pytest.mark.parametrize("case", ["missing", "past_end", "not_a_video", "no_model", "empty_dir"])
+@pytest.mark.parametrize("case", ["missing", "past_end", "not_a_video", "no_model", "empty_dir", "cuda_without_gpu"])
 def test_bad_input_fails_cleanly(setup, capsys, tmp_path, case):
     root, model_dir, video = setup
     source = ["--video", str(video)]
@@ -167,12 +167,30 @@ def test_bad_input_fails_cleanly(setup, capsys, tmp_path, case):
     elif case == "empty_dir":
         (tmp_path / "empty").mkdir()
         source = ["--frames", str(tmp_path / "empty")]
+    elif case == "cuda_without_gpu":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        extra = ["--device", "cuda"]
     code, stdout, stderr = run_cli(capsys, ["--model", model, *source, "--question", QUESTION, *extra])
     assert code == predict.EXIT_ERROR and stdout == ""
     assert stderr.startswith("predict.py: error: ") and "Traceback" not in stderr
     expected = {"missing": "not found", "past_end": "past the end", "not_a_video": "cannot read video",
-                "no_model": "not an exported HandsOnVLM model", "empty_dir": "no .jpg"}[case]
+                "no_model": "not an exported HandsOnVLM model", "empty_dir": "no .jpg",
+                "cuda_without_gpu": "has 0 GPUs visible to PyTorch; run on a GPU machine, or force CPU with "
+                                    "--device cpu"}[case]
     assert expected in stderr, stderr
+
+
+def test_a_cuda_device_must_exist_here():
+    from handsonvlm.devices import DeviceError, check_local_device
+
+    check_local_device("cpu", 0)
+    check_local_device("cuda", 1)
+    check_local_device("cuda:1", 2)
+    with pytest.raises(DeviceError, match=r"device cuda:1: this machine has 1 GPU visible"):
+        check_local_device("cuda:1", 1)
+    with pytest.raises(DeviceError, match=r"--device cpu"):
+        check_local_device("cuda", 0)
 
 
 def test_usage_errors_exit_via_argparse(setup, capsys):
