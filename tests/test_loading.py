@@ -104,6 +104,7 @@ def _child(role: str, *args: str) -> None:
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
 
+@pytest.mark.slow  # two child processes, a 2 GB file: ~30 s on 2 CPUs
 def test_a_1b_bf16_export_loads_within_1_3x_its_file_size(tmp_path):
     export, out = tmp_path / "export", tmp_path / "load.json"
     _child("build", str(export))
