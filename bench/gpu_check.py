@@ -39,6 +39,17 @@ skipped once the global ``--budget-s`` is spent:
   with the KV cache vs one clip at a time with the cache and without it (the release's way), in
   generated tokens/s. The EOS row of ``lm_head`` is zeroed first so that every answer of the random
   model runs to ``max_new_tokens`` (equal work on every side).
+* ``dtypes``: the one dtype story (docs/MODEL.md, "Precision") on the device, with a
+  ``--dtype-lm-layers``-deep (default 2) model of the preset's shape: every parameter of the module cast
+  to bf16 (buffers kept), as DeepSpeed's bf16 mode casts the parameters it owns, then one ZeRO-free single-GPU bf16
+  step (AdamW) with the tower online. Asserts that the frozen tower kept ``model.vision.dtype`` (fp16
+  for vicuna-7b), is on the device and is not among the module's parameters, and that the loss is
+  finite; that the training model's pooled features equal, bit for bit, those of a tower built as the
+  feature cache builds it (``handsonvlm.vision.tower_features``); records how far clip-at-a-time
+  features (the cache's ``rows_per_call=1``) are from the batched ones (cuBLAS may pick other kernels
+  per batch size). Then the evaluation load: ``save_pretrained`` and
+  ``HandsOnVLM.from_pretrained(dtype=torch.bfloat16)`` on the device (seconds, peak memory), the
+  tower in its configured dtype, features and the fixed-noise eval loss equal to the trained model's.
 
 The JSON (``--out``, default ``$OUT/gpu_check.json`` when ``$OUT`` is set, else
 ``bench/gpu_check.json``) is rewritten after every section, so a run that is killed keeps what it
@@ -58,6 +69,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -75,11 +87,11 @@ from bench.scaling import H100_BF16_DENSE_FLOPS, VICUNA, LMDims, VisionDims, tra
 from bench.vision_bench import NUM_SLOW, VITL14, tiny_setup, vitl_setup  # noqa: E402
 from handsonvlm.config import ModelConfig, load_preset  # noqa: E402
 from handsonvlm.generation import generate  # noqa: E402
-from handsonvlm.model import IGNORE_INDEX, IMAGE_PLACEHOLDER, HandsOnVLM  # noqa: E402
-from handsonvlm.vision import encode_video, video_tokens_literal  # noqa: E402
+from handsonvlm.model import IGNORE_INDEX, IMAGE_PLACEHOLDER, HandsOnVLM, build_vision_tower  # noqa: E402
+from handsonvlm.vision import encode_video, tower_features, video_tokens_literal  # noqa: E402
 
 SCHEMA = "handsonvlm-gpu-check/1"
-SECTIONS = ("vision", "train", "generate")
+SECTIONS = ("vision", "train", "generate", "dtypes")
 FORBIDDEN_MODULES = ("ray", "deepspeed", "mlflow", "pyarrow", "cv2", "pandas")  # absent on the device machine
 # Vicuna-7B v1.3's config.json (lmsys/vicuna-7b-v1.3), the architecture of configs/vicuna-7b.yaml's LM
 VICUNA_7B_LM = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -88,6 +100,7 @@ VICUNA_7B_LM = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers
 TEXT_TOKEN_RANGE = (3, 1024)  # ordinary BPE pieces of the tiny tokenizer (0-2 special, then time/hand tokens)
 ANSWER_TOKENS = 24  # supervised tail of every synthetic sample: answer text with 4 <hand_traj> and </s>
 MIN_LAYERS_ON_OOM = 4
+DTYPE_LM_LAYERS = 2  # the dtypes section checks dtypes and loading, not speed: a shallow LM of the preset's width
 GIB = 1 << 30
 
 
@@ -643,7 +656,101 @@ def generate_sides(run: Run, model: HandsOnVLM) -> dict:
     }
 
 
-SECTION_FNS = {"vision": section_vision, "train": section_train, "generate": section_generate}
+def section_dtypes(run: Run) -> dict:
+    """The dtype story on the device (module docstring): a bf16 ZeRO-free step with the tower outside the
+    module, then the export loaded in bf16."""
+    plan = run.plan
+    run.model = None  # the train/generate model is not needed any more: free its memory first
+    run.free()
+    reset_peak(run)
+    cfg = model_config(plan, run.args.dtype_lm_layers, "sdpa")
+    configured = getattr(torch, cfg.vision.dtype)
+    torch.manual_seed(0)
+    with torch.device(run.device):
+        model = HandsOnVLM(cfg)
+    if plan.preset != "tiny":
+        model.lm.resize_token_embeddings(VICUNA[plan.preset]["vocab"], mean_resizing=False)
+    for param in model.parameters():  # what DeepSpeed's bf16 mode does: every parameter the module owns, not buffers
+        param.data = param.data.to(torch.bfloat16)
+    tower = model.vision
+    tower_ids = {id(p) for p in tower.parameters()}
+    in_module = any(id(p) in tower_ids for p in model.parameters())
+    result = {"lm_layers": model.lm.config.num_hidden_layers, "configured_vision_dtype": cfg.vision.dtype,
+              "vision_dtype": str(tower.dtype), "vision_device": str(tower.device),
+              "lm_dtype": str(next(model.lm.parameters()).dtype),
+              "decoder_dtype": str(next(model.traj_decoder.parameters()).dtype),
+              "tower_in_module_parameters": in_module}
+    if tower.dtype != configured or tower.device.type != run.device.type or in_module:
+        raise AssertionError(f"the tower is not outside the module in its dtype: {result}")
+
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(run, trainable) or torch.optim.AdamW(trainable, lr=2e-5)
+    batch = synthetic_batch(model, plan.micro_batch, plan.text_tokens, run.device)
+    generator = torch.Generator(device=run.device).manual_seed(0)
+
+    def step():
+        out = model(**batch, generator=generator)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        return out
+
+    step_s, out = run.timed(step)
+    result.update(bf16_step_s=step_s, bf16_step_loss=float(out["loss"].detach()),
+                  bf16_step_loss_dtype=str(out["loss"].dtype), pred_dtype=str(out["pred"].dtype),
+                  vision_dtype_after_step=str(tower.dtype), **peak_memory(run))
+    if not math.isfinite(result["bf16_step_loss"]) or tower.dtype != configured:
+        raise AssertionError(f"bf16 step: loss {result['bf16_step_loss']}, tower {tower.dtype}")
+    optimizer.state.clear()  # the AdamW states are not needed any more
+    del out
+
+    frames = batch["frames"]
+    online = model.frame_features(frames)
+    cache_tower = build_vision_tower(cfg).to(run.device)  # as the features stage builds it
+    cached = tower_features(cache_tower, frames, cfg.spatial_pool)
+    per_clip = [tower_features(cache_tower, frames[i:i + 1], cfg.spatial_pool) for i in range(len(frames))]
+    per_clip_means = torch.cat([m for m, _ in per_clip])
+    result["features_dtype"] = str(online[0].dtype)
+    result["features_bit_identical_training_vs_cache"] = all(torch.equal(a, b) for a, b in zip(online, cached))
+    result["features_max_abs_diff_batched_vs_per_clip"] = float((per_clip_means.float() - online[0].float())
+                                                                .abs().max())
+    del cache_tower, cached, per_clip
+
+    model.eval()
+    with torch.no_grad():
+        trained_loss = float(model(**batch, generator=torch.Generator(device=run.device).manual_seed(1))["loss"])
+    with tempfile.TemporaryDirectory(prefix="gpu-check-export-") as directory:
+        save_s, _ = run.timed(lambda: model.save_pretrained(directory))
+        reset_peak(run)
+        try:
+            load_s, loaded = run.timed(lambda: HandsOnVLM.from_pretrained(directory, map_location=run.device,
+                                                                          dtype=torch.bfloat16))
+            result["eval_load"] = "HandsOnVLM.from_pretrained(dtype=torch.bfloat16)"
+        except TypeError:  # a from_pretrained without the dtype argument: load, then cast (the tower keeps its dtype)
+            load_s, loaded = run.timed(lambda: HandsOnVLM.from_pretrained(directory).to(run.device)
+                                       .to(torch.bfloat16))
+            result["eval_load"] = "HandsOnVLM.from_pretrained, then .to(bfloat16) (no dtype argument)"
+        export_bytes = sum(f.stat().st_size for f in Path(directory).rglob("*") if f.is_file())
+    loaded.eval()
+    with torch.no_grad():
+        loaded_loss = float(loaded(**batch, generator=torch.Generator(device=run.device).manual_seed(1))["loss"])
+        loaded_features = loaded.frame_features(frames)
+    result.update(export_save_s=save_s, eval_load_s=load_s, export_gib=export_bytes / GIB,
+                  eval_load_peak_memory_gib=peak_memory(run)["peak_memory_gib"],
+                  eval_vision_dtype=str(loaded.vision.dtype), eval_lm_dtype=str(next(loaded.lm.parameters()).dtype),
+                  eval_features_bit_identical=all(torch.equal(a, b) for a, b in zip(loaded_features, online)),
+                  eval_loss=loaded_loss, trained_eval_loss=trained_loss,
+                  eval_loss_abs_diff=abs(loaded_loss - trained_loss))
+    if loaded.vision.dtype != configured or not result["eval_features_bit_identical"]:
+        raise AssertionError(f"evaluation load: tower {loaded.vision.dtype}, features equal "
+                             f"{result['eval_features_bit_identical']}")
+    return result
+
+
+SECTION_FNS = {"vision": section_vision, "train": section_train, "generate": section_generate,
+               "dtypes": section_dtypes}
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -673,6 +780,10 @@ def headline(report: dict) -> dict:
         "generate_batch1_cached_tokens_per_s": get("generate", "tokens_per_s", "batch1_cached"),
         "generate_batch1_uncached_tokens_per_s": get("generate", "tokens_per_s", "batch1_uncached"),
         "generate_batched_over_batch1_cached": get("generate", "batched_over_batch1_cached"),
+        "dtypes_vision_dtype": get("dtypes", "vision_dtype"),
+        "dtypes_bf16_step_loss": get("dtypes", "bf16_step_loss"),
+        "dtypes_features_bit_identical_training_vs_cache": get("dtypes", "features_bit_identical_training_vs_cache"),
+        "dtypes_eval_load_s": get("dtypes", "eval_load_s"),
     }
 
 
@@ -715,6 +826,12 @@ def summary_lines(report: dict) -> list[str]:
                          f"tokens/s vs batch-1 cached {_fmt(h['generate_batch1_cached_tokens_per_s'])} "
                          f"({_fmt(h['generate_batched_over_batch1_cached'])}x), batch-1 uncached "
                          f"{_fmt(h['generate_batch1_uncached_tokens_per_s'])}")
+        elif name == "dtypes":
+            lines.append(f"  dtypes    tower {node['vision_dtype'].replace('torch.', '')} outside the bf16 module, "
+                         f"step loss {_fmt(node['bf16_step_loss'])}; features training = cache "
+                         f"{node['features_bit_identical_training_vs_cache']} (per clip vs batched max diff "
+                         f"{_fmt(node['features_max_abs_diff_batched_vs_per_clip'])}); bf16 eval load "
+                         f"{_fmt(node['eval_load_s'])} s, {_fmt(node['export_gib'])} GiB export")
     return lines
 
 
@@ -756,6 +873,7 @@ def parse_args(argv=None):
     p.add_argument("--vision-layers", type=int, default=None, help="ViT-L/14 depth of the vision section's and the "
                    "model's tower (default 24)")
     p.add_argument("--vision-clips", type=int, default=None, help="vision section: clips per device call")
+    p.add_argument("--dtype-lm-layers", type=int, default=DTYPE_LM_LAYERS, help="dtypes section: LM layers")
     args = p.parse_args(argv)
     if args.device is None:
         args.device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"

@@ -16,7 +16,7 @@ import sys
 from conftest import REPO_ROOT
 
 BLOCKED = ("ray", "deepspeed", "mlflow", "pyarrow", "cv2", "pandas")
-SECTIONS = ("vision", "train", "generate")
+SECTIONS = ("vision", "train", "generate", "dtypes")
 POSITIVE = {  # per section: dotted keys that must be finite and > 0
     "vision": ["device_efficient_clips_per_s", "device_literal_clips_per_s", "cpu_efficient_clips_per_s",
                "device_over_cpu_speedup", "efficient_over_literal_speedup", "visual_tokens"],
@@ -26,6 +26,7 @@ POSITIVE = {  # per section: dotted keys that must be finite and > 0
     "generate": ["tokens_per_s.batched_cached", "tokens_per_s.batch1_cached", "tokens_per_s.batch1_uncached",
                  "batched_over_batch1_cached", "batched_over_batch1_uncached", "generated_tokens.batched_cached",
                  "peak_memory_gib"],
+    "dtypes": ["bf16_step_s", "export_save_s", "eval_load_s", "export_gib", "lm_layers"],
 }
 
 
@@ -73,3 +74,12 @@ def test_tiny_gpu_check_without_ray_deepspeed_mlflow_pyarrow(tmp_path):
     assert report["sections"]["train"]["online"]["losses_finite"]
     assert report["sections"]["train"]["model"]["gradient_checkpointing"]
     assert all(v is not None for v in report["headline"].values()), report["headline"]
+    # the dtype story: the tower kept its configured dtype outside the bf16 module, the step's loss is finite,
+    # training, cache and the bf16 evaluation load compute the same features (and, on the CPU, the same loss)
+    dtypes = report["sections"]["dtypes"]
+    assert dtypes["vision_dtype"] == dtypes["eval_vision_dtype"] == "torch." + dtypes["configured_vision_dtype"]
+    assert dtypes["lm_dtype"] == dtypes["eval_lm_dtype"] == dtypes["decoder_dtype"] == "torch.bfloat16"
+    assert not dtypes["tower_in_module_parameters"] and math.isfinite(dtypes["bf16_step_loss"])
+    assert dtypes["bf16_step_loss_dtype"] == dtypes["pred_dtype"] == "torch.float32"
+    assert dtypes["features_bit_identical_training_vs_cache"] and dtypes["eval_features_bit_identical"]
+    assert dtypes["eval_loss_abs_diff"] == 0.0
