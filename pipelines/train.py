@@ -328,7 +328,9 @@ def check_resumable(storage_path: str, run_name: str, train: dict) -> None:
 def launch(config: dict, run_name: str, storage: str = DEFAULT_STORAGE, max_failures: int = 0,
            use_mlflow: bool = True, extra_tags: dict | None = None) -> dict:
     """Run one training (Ray must be initialised). Returns {ok, metrics, export_path, run_id, checkpoint,
-    model_uri} (``model_uri``: the registered ``models:/NAME/VERSION``, None when not registered).
+    model_uri, error} (``model_uri``: the registered ``models:/NAME/VERSION``, None when not registered;
+    ``error``: what failed, None when ok). Raises :class:`handsonvlm.checkpoints.CheckpointMismatch`
+    before starting anything when the run's checkpoint has another world size or ZeRO stage.
 
     Used by this CLI and by each Tune trial (pipelines/tune.py)."""
     import ray

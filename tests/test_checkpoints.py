@@ -72,6 +72,35 @@ def test_a_checkpoint_without_its_layout_file_is_read_from_its_names(tmp_path):
     assert (layout.world_size, layout.zero_stage) == (2, 3)
 
 
+# ---------------------------------------------------------------- where the export goes, how MLflow records it
+def test_an_auto_export_goes_beside_the_checkpoints_on_a_cluster(tmp_path, monkeypatch):
+    from pipelines.train import export_path_for
+
+    monkeypatch.chdir(tmp_path)
+    # a Ray this command started, local storage: the demo's runs/models/<run>
+    assert export_path_for("auto", "run-a", "runs/ray_results") == str(tmp_path / "runs" / "models" / "run-a")
+    # storage on S3, or a cluster this command connected to (its storage is shared): beside the checkpoints
+    assert export_path_for("auto", "run-a", "s3://bucket/ray_results") == "s3://bucket/ray_results/run-a/export"
+    assert export_path_for("auto", "run-a", "/mnt/shared/ray_results", on_cluster=True) == \
+        "/mnt/shared/ray_results/run-a/export"
+    assert export_path_for("/mnt/shared/models", "run-a", "s3://b/r", on_cluster=True) == "/mnt/shared/models/run-a"
+
+
+def test_log_model_auto_uploads_only_a_small_local_export(tmp_path):
+    from pipelines.train import AUTO_UPLOAD_MAX_BYTES, log_model_mode
+
+    small, big = tmp_path / "small", tmp_path / "big"
+    small.mkdir()
+    big.mkdir()
+    (small / "model.safetensors").write_bytes(b"x" * 1024)
+    with open(big / "model.safetensors", "wb") as f:  # sparse: the size of a big export, no disk used
+        f.truncate(AUTO_UPLOAD_MAX_BYTES + 1)
+    assert log_model_mode("auto", str(small)) == "upload"
+    assert log_model_mode("auto", str(big)) == "uri"
+    assert log_model_mode("auto", "s3://bucket/run/export") == "uri"  # not listed: a URI is never streamed
+    assert log_model_mode("upload", str(big)) == "upload" and log_model_mode("uri", str(small)) == "uri"
+
+
 # ---------------------------------------------------------------- the two-rank restore (script mode)
 def _engine(stage: int, seed: int):
     import deepspeed
