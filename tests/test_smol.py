@@ -17,9 +17,18 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from test_inference import write_video
 from test_train_job import metric_history
 
-from handsonvlm.assets import SMOLLM2_DIR, SMOLLM2_MANIFEST, build_smollm2, fetch_cup_video, smollm2_is_built
+from handsonvlm.assets import (
+    PROJECT_ROOT,
+    SMOLLM2_DIR,
+    SMOLLM2_MANIFEST,
+    AssetUnavailable,
+    build_smollm2,
+    fetch_cup_video,
+    smollm2_is_built,
+)
 from handsonvlm.config import load_model_config
 from handsonvlm.constants import NUM_FUTURE_POINTS, NUM_HANDS, POINT_DIM
 from handsonvlm.data import encode_conversation
@@ -70,6 +79,7 @@ def test_the_folder_is_valid_and_not_rebuilt(smol_lm, tmp_path):
     before = weights.stat().st_mtime_ns
     assert smollm2_is_built(smol_lm) and build_smollm2(smol_lm) == smol_lm
     assert weights.stat().st_mtime_ns == before  # idempotent: the valid folder is left alone
+    assert PROJECT_ROOT / load_model_config(SMOL).lm.pretrained == SMOLLM2_DIR  # the preset reads what make builds
     record = json.loads((smol_lm / SMOLLM2_MANIFEST).read_text())
     assert record["parameters"] == 134_515_008 and record["dtype"] == "float32"
     # An interrupted build (no manifest) or one from another file is not taken for a valid folder.
@@ -102,6 +112,17 @@ def test_smollm2_tokenizer_and_chat_template(smol_cfg, smol_tokenizer):
     supervised = [i for i, label in zip(ids, labels, strict=True) if label >= 0]
     assert supervised.count(tokens.eos) == 2 and supervised.count(tokens.hand) == 2  # both answers, closed by EOS
     assert tok.decode(supervised).startswith("Next, the person will take cup.<|im_end|>")
+
+
+def test_cup_video_is_fetched_once_and_needs_apt(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))  # neither apt-get nor dpkg
+    present = write_video(tmp_path / "present.mp4")
+    assert fetch_cup_video(present) == present  # an MP4 already there is kept: nothing to fetch
+    not_a_video = tmp_path / "broken.mp4"
+    not_a_video.write_bytes(b"an interrupted download")
+    for out in (not_a_video, tmp_path / "missing.mp4"):
+        with pytest.raises(AssetUnavailable, match="opencv-doc.*apt-get"):
+            fetch_cup_video(out)
 
 
 @pytest.mark.slow
