@@ -10,8 +10,9 @@ active hand reach for the target. Told which object is meant (the narration, or 
 that implies it), a predictor can aim at it; from the frames alone it cannot know which. Objects
 layout decides where they lie (``LAYOUTS``): ``fitted`` puts each class near a fixed spot
 (``KITCHEN_LAYOUT_PX``), so the question also says roughly where the hand goes and the frames tell
-where it starts and the exact spot; ``random`` puts fewer, larger objects anywhere on the counter,
-so the question names (or implies) the object and only the frames say where it is.
+where it starts and the exact spot; ``random`` puts fewer, larger objects anywhere on the counter
+and rests the hands at its front between reaches (``HAND_MOTION``), so the question names (or
+implies) the object and only the frames say where it is.
 
 Pixels of the 456x256 frame (x right, y down) unless a name ends in ``_norm``; times in seconds.
 """
@@ -91,6 +92,14 @@ WANDER_PAUSE_PROB = 0.25  # probability that a wander "move" is a pause in place
 HAND_WANDER_X_NORM = {"RIGHT": (0.36, 0.73), "LEFT": (0.27, 0.64)}
 HAND_HOME_NORM = {"RIGHT": (0.56, 0.47), "LEFT": (0.44, 0.47)}
 WANDER_REVERSION = 0.3
+# The random layout's hands rest at the front of the counter, below the objects, and only fidget
+# there between reaches (a small box around home, short steps, a strong pull home: the first move
+# after letting go of an object goes back into the box). Where a hand starts is then about known;
+# where it goes is the named object, which only the frames locate.
+RANDOM_HAND_HOME_NORM = {"RIGHT": (0.60, 0.84), "LEFT": (0.40, 0.84)}
+RANDOM_HAND_BOX_HALF_NORM = (0.04, 0.04)  # the wander box: home +- these (x, y)
+RANDOM_WANDER_STEP_PX = (2.0, 8.0)
+RANDOM_WANDER_REVERSION = 0.5
 BIMANUAL_PROB = 0.15  # both hands reach the object's left/right edges
 QUESTION_PROBS = (0.1, 0.3)  # P(no RBHP question), P(one question); otherwise three questions
 GRASP_DEPTH = 0.35  # unimanual grasp point: this fraction of the half-size from the centre
@@ -279,7 +288,7 @@ LAYOUTS = ("fitted", "random")
 DEFAULT_LAYOUT = "fitted"
 RANDOM_OBJECT_SCALE = 1.5
 RANDOM_OBJECTS_PER_VIDEO = (3, 4)  # inclusive
-RANDOM_COUNTER_REGION_NORM = (0.25, 0.12, 0.75, 0.78)  # inside the centre crop, below the backsplash
+RANDOM_COUNTER_REGION_NORM = (0.25, 0.12, 0.75, 0.70)  # inside the centre crop, below the backsplash, above the hands
 RANDOM_COUNTER_REGION_PX = tuple(v * size for v, size in zip(
     RANDOM_COUNTER_REGION_NORM, (EPIC_FRAME_WIDTH, EPIC_FRAME_HEIGHT) * 2))
 
@@ -523,10 +532,39 @@ def sample_objects(rng: np.random.Generator, layout: str = DEFAULT_LAYOUT) -> li
         # these objects' spots are too close to ever fit together: draw another set
 
 
-def _wander_bounds(side: str) -> tuple[float, float, float, float]:
+@dataclass(frozen=True)
+class HandMotion:
+    """How the hands wander between reaches: per side the box (x0, y0, x1, y1 px) their waypoints
+    stay in and their resting spot (px); the length of a move (px) and the pull toward home."""
+
+    boxes: dict[str, tuple[float, float, float, float]]
+    homes: dict[str, tuple[float, float]]
+    step_px: tuple[float, float]
+    reversion: float
+    return_first: bool = False  # a hand outside its box (it let go of an object there) never pauses
+
+
+def _px(norm) -> tuple[float, float]:
+    return norm[0] * EPIC_FRAME_WIDTH, norm[1] * EPIC_FRAME_HEIGHT
+
+
+HAND_MOTION = {
+    "fitted": HandMotion(
+        {side: (lo * EPIC_FRAME_WIDTH, ACTIVE_REGION_PX[1], hi * EPIC_FRAME_WIDTH, ACTIVE_REGION_PX[3])
+         for side, (lo, hi) in HAND_WANDER_X_NORM.items()},
+        {side: _px(home) for side, home in HAND_HOME_NORM.items()}, WANDER_STEP_PX, WANDER_REVERSION),
+    "random": HandMotion(
+        {side: (*_px((hx - RANDOM_HAND_BOX_HALF_NORM[0], hy - RANDOM_HAND_BOX_HALF_NORM[1])),
+                *_px((hx + RANDOM_HAND_BOX_HALF_NORM[0], hy + RANDOM_HAND_BOX_HALF_NORM[1])))
+         for side, (hx, hy) in RANDOM_HAND_HOME_NORM.items()},
+        {side: _px(home) for side, home in RANDOM_HAND_HOME_NORM.items()}, RANDOM_WANDER_STEP_PX,
+        RANDOM_WANDER_REVERSION, return_first=True),
+}
+
+
+def _wander_bounds(side: str, motion: HandMotion) -> tuple[float, float, float, float]:
     """The box (x0, y0, x1, y1 px) that one hand's wander waypoints stay in."""
-    lo, hi = HAND_WANDER_X_NORM[side]
-    return lo * EPIC_FRAME_WIDTH, ACTIVE_REGION_PX[1], hi * EPIC_FRAME_WIDTH, ACTIVE_REGION_PX[3]
+    return motion.boxes[side]
 
 
 def _reflect(value: float, lo: float, hi: float) -> float:
@@ -538,30 +576,32 @@ def _reflect(value: float, lo: float, hi: float) -> float:
     return min(max(value, lo), hi)
 
 
-def _next_waypoint(rng: np.random.Generator, side: str, pos: np.ndarray) -> np.ndarray:
+def _next_waypoint(rng: np.random.Generator, side: str, pos: np.ndarray, motion: HandMotion) -> np.ndarray:
     """A random wander waypoint near ``pos`` (a pause with probability WANDER_PAUSE_PROB)."""
-    if rng.random() < WANDER_PAUSE_PROB:
+    x0, y0, x1, y1 = _wander_bounds(side, motion)
+    away = not (x0 <= pos[0] <= x1 and y0 <= pos[1] <= y1)
+    if not (motion.return_first and away) and rng.random() < WANDER_PAUSE_PROB:
         return pos.copy()
     angle = rng.uniform(0.0, 2.0 * math.pi)
-    step = _uniform(rng, WANDER_STEP_PX)
-    home = np.asarray(HAND_HOME_NORM[side]) * (EPIC_FRAME_WIDTH, EPIC_FRAME_HEIGHT)
-    goal = pos + WANDER_REVERSION * (home - pos) + step * np.array([math.cos(angle), math.sin(angle)])
-    x0, y0, x1, y1 = _wander_bounds(side)
+    step = _uniform(rng, motion.step_px)
+    home = np.asarray(motion.homes[side])
+    goal = pos + motion.reversion * (home - pos) + step * np.array([math.cos(angle), math.sin(angle)])
     return np.array([_reflect(goal[0], x0, x1), _reflect(goal[1], y0, y1)])
 
 
-def _wander_until(rng: np.random.Generator, track: Track, side: str, t: float) -> None:
+def _wander_until(rng: np.random.Generator, track: Track, side: str, t: float, motion: HandMotion) -> None:
     """Append wander moves until the track covers time ``t``."""
     while track.end_time < t:
         start = track.end_time
         pos = track.positions([start])[0]
         duration = _uniform(rng, WANDER_SEGMENT_S)
-        track.append(start, duration, quintic_to_rest(pos, 0.0, 0.0, _next_waypoint(rng, side, pos), duration))
+        goal = _next_waypoint(rng, side, pos, motion)
+        track.append(start, duration, quintic_to_rest(pos, 0.0, 0.0, goal, duration))
 
 
-def _start_track(rng: np.random.Generator, side: str) -> Track:
+def _start_track(rng: np.random.Generator, side: str, motion: HandMotion) -> Track:
     """A track that rests at a random point of the hand's wander box at t = 0."""
-    x0, y0, x1, y1 = _wander_bounds(side)
+    x0, y0, x1, y1 = _wander_bounds(side, motion)
     pos = np.array([rng.uniform(x0, x1), rng.uniform(y0, y1)])
     track = Track()
     track.append(0.0, _uniform(rng, WANDER_SEGMENT_S), quintic_to_rest(pos, 0.0, 0.0, pos, 1.0))
@@ -690,7 +730,8 @@ def sample_scene(seed: int, video_index: int, video_id: str, participant_id: str
     sleeve = SLEEVE_COLOURS_BGR[int(rng.integers(len(SLEEVE_COLOURS_BGR)))]
     texture_seed = int(rng.integers(2**31))
     objects = sample_objects(rng, layout)
-    tracks = {side: _start_track(rng, side) for side in HOI_FORECAST_SIDES}
+    motion = HAND_MOTION[layout]
+    tracks = {side: _start_track(rng, side, motion) for side in HOI_FORECAST_SIDES}
 
     actions = []
     for index, (start_cs, stop_cs, narration_ms) in enumerate(sample_action_times(rng, actions_per_video)):
@@ -700,7 +741,7 @@ def sample_scene(seed: int, video_index: int, video_id: str, participant_id: str
         t_release = frame_to_seconds(centiseconds_to_frame(stop_cs))
         t_reach = t_contact - REACH_S
         for side in HOI_FORECAST_SIDES:
-            _wander_until(rng, tracks[side], side, t_reach)
+            _wander_until(rng, tracks[side], side, t_reach, motion)
         starts = {side: tracks[side].state(t_reach)[0] for side in HOI_FORECAST_SIDES}
         obj = objects[target]
         sides = _active_sides(bimanual, obj, starts)
@@ -720,6 +761,6 @@ def sample_scene(seed: int, video_index: int, video_id: str, participant_id: str
     duration = max(last_release, FIRST_ACTION_MIN_S) + _uniform(rng, VIDEO_TAIL_S)
     num_frames = int(math.ceil(duration * fps))
     for side in HOI_FORECAST_SIDES:
-        _wander_until(rng, tracks[side], side, num_frames / fps + 1.0)
+        _wander_until(rng, tracks[side], side, num_frames / fps + 1.0, motion)
     return VideoScene(video_index, participant_id, video_id, float(fps), num_frames, counter, skin,
                       sleeve, texture_seed, objects, actions, tracks)

@@ -504,9 +504,20 @@ def test_random_layout_places_fewer_larger_objects_anywhere(tmp_path):
     # no class keeps a spot: each one's positions spread over much of the counter
     spreads = [np.abs(np.asarray(v)).max() for v in offsets.values() if len(v) >= 3]
     assert len(spreads) >= 8 and min(spreads) > 4 * scene_lib.LAYOUT_JITTER_PX
+    # the hands rest at the front, below the objects: a reach starts in the home box of its side
+    for _, action in all_actions(meta):
+        label = load_label(tmp_path, action["hoi_uid"])
+        for side in action["sides"]:
+            bx0, by0, bx1, by1 = scene_lib.HAND_MOTION["random"].boxes[side]
+            start = label["past_hand_centers"][side][-1]
+            assert bx0 - 1 <= start[0] <= bx1 + 1 and by0 - 1 <= start[1] <= by1 + 1, (action, start)
+            assert start[1] > y1  # below every object
+    # knowing the target (and the start) is what pays: the objects' median or a random object of
+    # the scene is several times worse (seed 0, 24 videos x 2 actions: 0.09x, 0.46x, 0.61x cv)
     report = language_gap_report(tmp_path)
     assert report["layout"] == "random" and "ade_question_only" not in report
-    assert report["text_over_cv"] < 0.4 and report["random_object_over_cv"] > 1.0
+    assert report["text_over_cv"] < 0.2
+    assert min(report["text_free_over_cv"], report["random_object_over_cv"]) > 3 * report["text_over_cv"]
 
 
 def test_random_layout_objects_are_distinct_to_the_tower():
