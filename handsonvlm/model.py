@@ -359,12 +359,12 @@ class HandsOnVLM(nn.Module):
 
         No weight is initialised: the model is built with its parameters on the meta device (buffers, e.g.
         the LM's rotary ``inv_freq``, are computed as in a normal build), then each tensor of the
-        safetensors file is read (``pread``, no page-cache mapping kept), converted to its dtype on
-        ``map_location`` and assigned (``load_state_dict(assign=True)``). Peak host memory is the weights in
-        their target dtype plus one tensor: a bf16 7B export loads in bf16 (~14 GB), not through an fp32
-        model (~27 GB). An export asking for flash-attention gets it only where it can run
-        (:func:`inference_attention`; otherwise sdpa and one warning). Missing or unexpected keys raise
-        ``RuntimeError``."""
+        safetensors file is read into host memory (``pread``, no page-cache mapping kept), moved to
+        ``map_location`` in its dtype and assigned (``load_state_dict(assign=True)``). Peak host memory is
+        the weights in their target dtype plus one tensor (a CUDA load: one tensor): a bf16 7B export loads
+        in bf16 (~14 GB), not through an fp32 model (~27 GB). An export asking for flash-attention gets it
+        only where it can run (:func:`inference_attention`; otherwise sdpa and one warning). Missing or
+        unexpected keys raise ``RuntimeError``."""
         from accelerate import init_empty_weights
         from safetensors import safe_open
 
@@ -377,12 +377,14 @@ class HandsOnVLM(nn.Module):
             model = cls(cfg)
         tower_dtype = model.vision.dtype
         state = {}
-        with safe_open(str(directory / WEIGHTS_FILE), framework="pt", device=str(map_location), backend="pread") as f:
+        # read into host memory (pread: no mapping of the file stays resident), then each tensor to its device
+        # and dtype on its own (a no-op for a CPU load in the file's dtype; a CUDA load holds one on the host)
+        with safe_open(str(directory / WEIGHTS_FILE), framework="pt", device="cpu", backend="pread") as f:
             for key in f.offset_keys():  # file order: sequential reads
                 tensor = f.get_tensor(key)
-                if tensor.is_floating_point():
-                    tensor = tensor.to(tower_dtype if key.startswith(VISION_PREFIX) else dtype)
-                state[key] = tensor
+                target = (tower_dtype if key.startswith(VISION_PREFIX) else dtype) if tensor.is_floating_point() \
+                    else tensor.dtype
+                state[key] = tensor.to(device=map_location, dtype=target)
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         del state
         tied = {TIED_LM_HEAD_KEY} if model.lm.config.tie_word_embeddings else set()
