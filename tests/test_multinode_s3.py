@@ -266,6 +266,7 @@ def test_two_node_training_on_s3_survives_a_killed_worker(synth_data, two_nodes,
                  "python", "pipelines/train.py", "--config", "tiny", "--data", data, "--run-name", name,
                  "--storage", results, "--max-steps", str(MAX_STEPS), "--max-failures", "1",
                  "--set", f"train.export_dir={models}", "--set", "train.placement=spread",
+                 "--set", "train.log_model=upload",  # auto would record an S3 export by its URI only
                  "--set", "train.micro_batch_size=2", "--set", "train.log_every=1",
                  "--set", f"train.checkpoint_every={CHECKPOINT_EVERY}", "--set", "train.lr=3e-3",
                  env=two_nodes["env"], timeout=420)
@@ -305,7 +306,7 @@ def test_two_node_training_on_s3_survives_a_killed_worker(synth_data, two_nodes,
     assert run.info.artifact_uri == f"{root}/mlflow/{run.info.run_id}/artifacts"
     artifacts = [k for k in s3_keys(s3_env, f"mlflow/{run.info.run_id}/artifacts/model/") if not k.endswith("/")]
     assert {k.rsplit("/", 1)[1] for k in artifacts} == {k.rsplit("/", 1)[1] for k in exported}, artifacts
-    assert run.data.tags["model_path"] == f"{models}/{name}"
+    assert run.data.tags["model_path"] == run.data.tags["model_uri"] == f"{models}/{name}"
 
     # the last checkpoint is the finished run's, and the export on S3 loads as a model
     import torch
