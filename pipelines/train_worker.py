@@ -244,9 +244,6 @@ class TrainRecipe:
         restarts = self.logger.restarts_so_far() + 1
         self.logger.log({"restore/fixed_batch_loss": restored_loss, RESTARTS_METRIC: restarts}, p.step)
 
-    def train(self) -> None:
-        """Micro-batches from where restore() left off until ``total_steps`` optimizer steps are done."""
-        p, train = self.progress, self.train_cfg
     def staging_dir(self) -> str:
         """``train.checkpoint_staging_dir`` (made if missing), else the system temp dir."""
         directory = self.train_cfg.checkpoint_staging_dir or tempfile.gettempdir()
@@ -259,6 +256,9 @@ class TrainRecipe:
                                    ray.train.get_context().get_local_rank(), self.world, self.train_cfg.zero_stage,
                                    self.staging_dir(), self.logger.log)
 
+    def train(self) -> None:
+        """Micro-batches from where restore() left off until ``total_steps`` optimizer steps are done."""
+        p, train = self.progress, self.train_cfg
         per_epoch = micro_batches_per_epoch(self.plan)
         self.start_time, self.start_step, self.start_samples = time.perf_counter(), p.step, p.samples
         self.window_samples, self.window_start = 0, time.perf_counter()
