@@ -42,7 +42,8 @@ def backend_for(use_gpu: bool) -> str:
     return "nccl" if use_gpu else "gloo"
 
 
-def eval_actors(device: str, replicas: int | None, gpus_now: float, can_autoscale: bool) -> tuple[bool, int]:
+def eval_actors(device: str, replicas: int | None, gpus_now: float, can_autoscale: bool,
+                where: str = "this Ray") -> tuple[bool, int]:
     """``(use_gpu, replicas)`` of the evaluator's model replicas (Ray actors, one GPU each on CUDA), from
     ``eval.device`` and ``eval.replicas`` (None: as many as the cluster has GPUs now, at least one;
     one on CPU):
@@ -55,7 +56,7 @@ def eval_actors(device: str, replicas: int | None, gpus_now: float, can_autoscal
       ``cuda``);
     * ``cpu``: CPU actors (one CPU each)."""
     wanted = replicas if replicas is not None else max(1, int(gpus_now))
-    use_gpu = resolve_use_gpu(device, gpus_now, wanted, can_autoscale, what="eval", unit="replica")
+    use_gpu = resolve_use_gpu(device, gpus_now, wanted, can_autoscale, what="eval", where=where, unit="replica")
     return use_gpu, wanted if replicas is not None or use_gpu else 1
 
 

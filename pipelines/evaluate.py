@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import fields
@@ -304,11 +305,26 @@ def run(args: argparse.Namespace, generate_fn=None) -> dict:
     return {"metrics": metrics, "run_id": run_id, "out_dir": str(out_dir), "predictions": preds}
 
 
+def check_local_gpus(settings: EvalConfig) -> None:
+    """Before a local Ray is started: it gets this machine's GPUs and no more, so a cuda evaluation that
+    cannot have them fails now (``EvalError``), not after Ray's start-up (:func:`place_actors` checks the
+    Ray it runs on)."""
+    import torch
+
+    try:
+        eval_actors(settings.device, settings.replicas, torch.cuda.device_count(), can_autoscale=False,
+                    where="this machine")
+    except DeviceError as exc:
+        raise EvalError(str(exc)) from exc
+
+
 def main(argv=None, generate_fn=None) -> int:
     args = parse_args(argv)
     common.setup_logging()
-    common.init_ray(args.ray_address, args.num_cpus, common.DEFAULT_OBJECT_STORE_BYTES)
     try:
+        if (args.ray_address or os.environ.get("RAY_ADDRESS") or "local") == "local":
+            check_local_gpus(args.eval)
+        common.init_ray(args.ray_address, args.num_cpus, common.DEFAULT_OBJECT_STORE_BYTES)
         run(args, generate_fn=generate_fn)
     except (EvalError, ModelLoadError) as exc:
         print(f"evaluate.py: error: {exc}", file=sys.stderr)
