@@ -156,7 +156,8 @@ def test_smol_trains_exports_reloads_evaluates_and_predicts(smol_lm, synth_data,
     assert model.cfg.vision.kind == "efficientnet_lite0" and model.lm.config.tie_word_embeddings
     assert model.lm.get_input_embeddings().weight.shape == (len(model.tokenizer), model.lm.config.hidden_size)
     assert model.lm.lm_head.weight is model.lm.get_input_embeddings().weight
-    assert model.tokenizer.eos_token == "<|im_end|>" and len(model.tokenizer) == SMOL_VOCAB + 101
+    assert model.tokenizer.eos_token == "<|im_end|>"
+    assert len(model.tokenizer) == SMOL_VOCAB + model.cfg.num_time_tokens + 1  # + the time tokens and <hand_traj>
     del model
 
     eval_name = f"{name}-eval"
@@ -177,6 +178,7 @@ def test_smol_trains_exports_reloads_evaluates_and_predicts(smol_lm, synth_data,
     doc = json.loads(doc_path.read_text())
     assert json.loads(captured.out.strip().splitlines()[-1]) == doc
     assert doc["question"] == QUESTION and doc["hands"] == ["right", "left"] and len(doc["answers"]) == 1
+    assert doc["answers"][0].strip() and doc["sampling"]["prompt_template"] == "smollm2"
     points = len(doc["times_s"])
     assert points == NUM_FUTURE_POINTS
     assert np.asarray(doc["trajectories"], dtype=np.float64).shape == (1, NUM_HANDS, points, POINT_DIM)
@@ -185,5 +187,6 @@ def test_smol_trains_exports_reloads_evaluates_and_predicts(smol_lm, synth_data,
         assert np.isfinite(np.asarray(doc["trajectories"], dtype=np.float64)).all()
     width, height = doc["frame_size"]
     image = cv2.imread(str(png))
-    assert image is not None and image.ndim == 3 and image.shape[2] == 3 and image.std() > 0
     assert (width, height) == (640, 480)  # cup.mp4's own frames
+    assert image is not None and image.shape[2] == 3 and image.std() > 0  # a picture, not a blank
+    assert image.shape[1] * height == image.shape[0] * width  # the frame's aspect ratio kept
