@@ -60,6 +60,19 @@ def eval_actors(device: str, replicas: int | None, gpus_now: float, can_autoscal
     return use_gpu, wanted if replicas is not None or use_gpu else 1
 
 
+# what a CPU evaluation leaves to Ray Data's read tasks: CPU replicas that took every CPU would wait,
+# idle, for rows that no read task can be scheduled to produce (a silent hang on a 2-CPU machine)
+READ_CPUS = 1.0
+
+
+def cpus_per_cpu_replica(cluster_cpus: float, replicas: int) -> float:
+    """The CPUs each of ``replicas`` CPU model replicas requests on a Ray of ``cluster_cpus``: one, or
+    an equal share of what is left after :data:`READ_CPUS` for the reads when one each would not leave
+    it (2 replicas on 2 CPUs: 0.5 each). PyTorch's threads do not follow Ray's accounting: this only
+    keeps the actors and the reads schedulable together."""
+    return min(1.0, max(cluster_cpus - READ_CPUS, READ_CPUS) / replicas)
+
+
 def check_local_device(device: str, cuda_devices: int, override: str = "--device cpu") -> None:
     """Raise :class:`DeviceError` when ``device`` (``cuda``, ``cuda:N``, a resolved ``predict.device``)
     needs a CUDA device this machine (``cuda_devices`` visible) does not have, naming ``override``."""

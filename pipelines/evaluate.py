@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from handsonvlm import evaluation
 from handsonvlm.config import EvalConfig, add_section_flags
 from handsonvlm.constants import NUM_FUTURE_POINTS
-from handsonvlm.devices import DeviceError, eval_actors
+from handsonvlm.devices import DeviceError, cpus_per_cpu_replica, eval_actors
 from handsonvlm.evaluation import TRAJECTORY_SHAPE
 from handsonvlm.inference import ModelLoadError, check_export, read_model_config, resolve_sampling
 from pipelines import common, tracking
@@ -166,7 +166,9 @@ def predict(jobs: list[dict], where: dict[str, str], model_dir: str, settings: E
     # a dead Predictor fails the evaluation (see map_batches_without_restarts); it reruns as it is
     ds = map_batches_without_restarts(ds, Predictor, batch_size=settings.batch_size, batch_format="pandas",
                                       compute=ray.data.ActorPoolStrategy(size=replicas),
-                                      num_gpus=1 if gpu else None, num_cpus=None if gpu else 1,
+                                      num_gpus=1 if gpu else None,
+                                      num_cpus=None if gpu else cpus_per_cpu_replica(
+                                          ray.cluster_resources().get("CPU", 1), replicas),
                                       fn_constructor_kwargs={"model_dir": model_dir, "jobs": by_clip,
                                                              "settings": settings, "generate_fn": generate_fn,
                                                              "device": settings.device})
