@@ -14,8 +14,8 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 DEMO_DIR ?= runs/demo
 DEMO_VIDEOS ?= 48
-DEMO_LAYOUT ?= random
-DEMO_CONFIG ?= demo
+DEMO_LAYOUT ?= fitted
+DEMO_CONFIG ?= tiny
 DEMO_SET ?=
 DEMO_RUN ?= demo-tiny
 # exported models and Ray Train run directories (checkpoints)
