@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections import Counter
 from pathlib import Path
 
@@ -37,6 +38,30 @@ def ray_local():
     init_ray(num_cpus=2, object_store_memory=1 << 30)
     yield ray
     ray.shutdown()
+
+
+RENDEZVOUS_FILE_ENV = "HANDSONVLM_TEST_RENDEZVOUS"
+
+
+def rendezvous_env(directory: Path, world: int) -> dict[str, str]:
+    """The environment of a test's torch.distributed ranks (add RANK and LOCAL_RANK per process): a
+    file rendezvous in ``directory`` for :func:`init_gloo_from_env`. A free port picked by the parent
+    could be taken by another process (a Ray of an earlier test) before rank 0 bound it: EADDRINUSE on
+    rank 0 and the other rank waiting until the test's timeout. MASTER_ADDR/PORT are still set, since
+    DeepSpeed's init_distributed looks for them, but nothing binds the port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return {RENDEZVOUS_FILE_ENV: str(Path(directory) / "rendezvous"), "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def init_gloo_from_env() -> None:
+    """In a rank started with :func:`rendezvous_env`: the gloo process group through its file."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="file://" + os.environ[RENDEZVOUS_FILE_ENV],
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
 def isolated_env(**extra: str) -> dict[str, str]:

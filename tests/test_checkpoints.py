@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -138,8 +137,9 @@ def _weights(engine) -> list[list[float]]:
 def _main(shared: str, out: str) -> None:
     import pyarrow.fs as pafs
     import torch
+    from conftest import init_gloo_from_env
 
-    torch.distributed.init_process_group("gloo")
+    init_gloo_from_env()
     rank = torch.distributed.get_rank()
 
     result = {}
@@ -173,19 +173,12 @@ def _main(shared: str, out: str) -> None:
     Path(out).write_text(json.dumps(result))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.ray
 def test_each_rank_restores_only_its_own_shards_and_resumes_exactly(tmp_path):
     import pyarrow.fs as pafs
-    from conftest import isolated_env
+    from conftest import isolated_env, rendezvous_env
 
-    env = isolated_env(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
-                       WORLD_SIZE=str(WORLD))
+    env = isolated_env(OMP_NUM_THREADS="1", **rendezvous_env(tmp_path, WORLD))
     procs = []
     for rank in range(WORLD):
         log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115 (closed below)

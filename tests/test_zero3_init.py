@@ -29,14 +29,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import isolated_env
+from conftest import init_gloo_from_env, isolated_env, rendezvous_env
 
 pytestmark = pytest.mark.ray
 
@@ -104,7 +103,7 @@ def _main(role: str, pretrained: str, out: str) -> None:
     if zero:
         # plain torch.distributed from MASTER_ADDR/PORT, RANK, WORLD_SIZE, as Ray Train sets it up: Zero3Init
         # brings up deepspeed.comm on it
-        torch.distributed.init_process_group("gloo")
+        init_gloo_from_env()
         world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
 
     # memory: the big model, built (and, on the ranks, wrapped) right after the imports
@@ -153,12 +152,6 @@ def _main(role: str, pretrained: str, out: str) -> None:
 
 
 # ---------------------------------------------------------------- the test
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pretrained_lm(directory: Path) -> None:
     """A small LLaMA with fewer rows than the tiny tokenizer (so HandsOnVLM resizes it) and a LLaVA-style
     mm_projector.bin (LM width 64, tower width 32)."""
@@ -179,12 +172,12 @@ def test_zero3_ranks_never_hold_the_whole_model_and_start_from_the_plain_weights
     pretrained = tmp_path / "lm"
     _pretrained_lm(pretrained)
     env = isolated_env(MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    port, world = str(_free_port()), 2
+    world = 2
+    rendezvous = rendezvous_env(tmp_path, world)
     procs, outs = [], []
     for role, rank in [("rank", 0), ("rank", 1), ("plain", None)]:
         out = str(tmp_path / (f"rank{rank}" if role == "rank" else "plain"))
-        rank_env = {} if rank is None else {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RANK": str(rank),
-                                            "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)}
+        rank_env = {} if rank is None else {**rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)}
         log = open(out + ".log", "w")  # noqa: SIM115 (closed below)
         procs.append((subprocess.Popen([sys.executable, __file__, role, str(pretrained), out], env={**env, **rank_env},
                                        stdout=log, stderr=subprocess.STDOUT), log))
