@@ -20,14 +20,13 @@ About 25 s on 2 CPUs, most of it importing DeepSpeed.
 
 from __future__ import annotations
 
-import socket
-
 import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import init_gloo_from_env, rendezvous_env
 
 from handsonvlm.config import ModelConfig, TrainConfig, load_preset
 from handsonvlm.constants import NUM_FUTURE_POINTS, NUM_HANDS, NUM_OBS_FRAMES, POINT_DIM
@@ -38,23 +37,18 @@ ROWS, MICRO_BATCH = 2, 2
 JPEG_QUALITY = 90
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def one_rank():
+def one_rank(tmp_path_factory):
     """torch.distributed with one gloo rank from the environment variables Ray Train sets (DeepSpeed's
-    zero.Init reads LOCAL_RANK), torn down afterwards."""
+    zero.Init reads LOCAL_RANK), met through a file rendezvous (conftest.rendezvous_env: no port to
+    race for), torn down afterwards."""
     import torch.distributed as dist
 
     with pytest.MonkeyPatch.context() as env:
-        for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
-                            "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        variables = {**rendezvous_env(tmp_path_factory.mktemp("rendezvous"), world=1), "RANK": "0", "LOCAL_RANK": "0"}
+        for name, value in variables.items():
             env.setenv(name, value)
-        dist.init_process_group("gloo")
+        init_gloo_from_env()
         yield
         dist.destroy_process_group()
 
