@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -62,6 +63,28 @@ def init_gloo_from_env() -> None:
 
     dist.init_process_group("gloo", init_method="file://" + os.environ[RENDEZVOUS_FILE_ENV],
                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+
+
+def run_to_completion(commands: list[tuple[list[str], dict[str, str], Path]], timeout: float) -> None:
+    """Start every ``(argv, env, log)`` at once (the ranks of one job must all be up to meet), wait for all of
+    them up to ``timeout`` seconds each, kill what is still running, and fail with the log tail of the
+    first process that did not exit 0."""
+    procs = []
+    for argv, env, log_path in commands:
+        log = open(log_path, "w")  # noqa: SIM115 (closed below)
+        procs.append((subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+    for proc, log in procs:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    for (proc, _), (_, _, log_path) in zip(procs, commands):
+        assert proc.returncode == 0, Path(log_path).read_text()[-4000:]
 
 
 def isolated_env(**extra: str) -> dict[str, str]:

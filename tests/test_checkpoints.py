@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -176,24 +175,12 @@ def _main(shared: str, out: str) -> None:
 @pytest.mark.ray
 def test_each_rank_restores_only_its_own_shards_and_resumes_exactly(tmp_path):
     import pyarrow.fs as pafs
-    from conftest import isolated_env, rendezvous_env
+    from conftest import isolated_env, rendezvous_env, run_to_completion
 
     env = isolated_env(OMP_NUM_THREADS="1", **rendezvous_env(tmp_path, WORLD))
-    procs = []
-    for rank in range(WORLD):
-        log = open(tmp_path / f"rank{rank}.log", "w")  # noqa: SIM115 (closed below)
-        procs.append((subprocess.Popen([sys.executable, __file__, str(tmp_path), str(tmp_path / f"rank{rank}.json")],
-                                       env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                                       stdout=log, stderr=subprocess.STDOUT), log))
-    for proc, log in procs:
-        try:
-            proc.wait(timeout=300)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
-    for rank, (proc, _) in enumerate(procs):
-        assert proc.returncode == 0, (tmp_path / f"rank{rank}.log").read_text()[-4000:]
+    run_to_completion([([sys.executable, __file__, str(tmp_path), str(tmp_path / f"rank{rank}.json")],
+                        {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, tmp_path / f"rank{rank}.log")
+                       for rank in range(WORLD)], timeout=300)
     results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)]
     for stage in ("2", "3"):
         for rank, result in enumerate(results):

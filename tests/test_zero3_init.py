@@ -29,13 +29,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import init_gloo_from_env, isolated_env, rendezvous_env
+from conftest import init_gloo_from_env, isolated_env, rendezvous_env, run_to_completion
 
 pytestmark = pytest.mark.ray
 
@@ -174,23 +173,14 @@ def test_zero3_ranks_never_hold_the_whole_model_and_start_from_the_plain_weights
     env = isolated_env(MALLOC_MMAP_THRESHOLD_=MMAP_THRESHOLD, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     world = 2
     rendezvous = rendezvous_env(tmp_path, world)
-    procs, outs = [], []
+    commands, outs = [], []
     for role, rank in [("rank", 0), ("rank", 1), ("plain", None)]:
         out = str(tmp_path / (f"rank{rank}" if role == "rank" else "plain"))
         rank_env = {} if rank is None else {**rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        log = open(out + ".log", "w")  # noqa: SIM115 (closed below)
-        procs.append((subprocess.Popen([sys.executable, __file__, role, str(pretrained), out], env={**env, **rank_env},
-                                       stdout=log, stderr=subprocess.STDOUT), log))
+        commands.append(([sys.executable, __file__, role, str(pretrained), out], {**env, **rank_env},
+                         Path(out + ".log")))
         outs.append(out)
-    for proc, log in procs:
-        try:
-            proc.wait(timeout=540)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
-    for (proc, _), out in zip(procs, outs):
-        assert proc.returncode == 0, Path(out + ".log").read_text()[-4000:]
+    run_to_completion(commands, timeout=540)
     ranks = [json.loads(Path(out + ".json").read_text()) for out in outs[:2]]
     plain = json.loads(Path(outs[2] + ".json").read_text())
 
