@@ -96,8 +96,8 @@ def load_model(directory: str | Path, device: str = "auto", dtype: str | None = 
 
     ``dtype`` (``"fp32"``/``"fp16"``/``"bf16"``, a resolved ``SamplingConfig.dtype``; None: fp32): the
     LM, projector and decoder are loaded in it directly on the device (``HandsOnVLM.from_pretrained``:
-    no fp32 copy, no random init), the frozen vision tower in the config's ``model.vision.dtype``, as
-    :func:`cast_for_inference` would leave them. On CUDA, TF32 is turned on (:func:`enable_tf32`)."""
+    no fp32 copy, no random init), the frozen vision tower in the config's ``model.vision.dtype`` (its
+    features are cast to the projector's dtype). On CUDA, TF32 is turned on (:func:`enable_tf32`)."""
     from handsonvlm.model import CONFIG_FILE, WEIGHTS_FILE, HandsOnVLM
 
     directory = check_export(directory, (CONFIG_FILE, WEIGHTS_FILE))
@@ -120,19 +120,6 @@ def torch_dtype(dtype: str):
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype must be one of {tuple(TORCH_DTYPES)} (resolve 'auto' first), got {dtype!r}")
     return getattr(torch, TORCH_DTYPES[dtype])
-
-
-def cast_for_inference(model, dtype: str):
-    """Cast everything but the frozen vision tower to ``dtype`` (``"fp32"``/``"fp16"``/``"bf16"``).
-
-    The tower keeps the config's ``model.vision.dtype`` (fp16 in the 7B/13B presets, as the release
-    ran CLIP); its features are cast to the projector's dtype. The trajectory decoder returns float32
-    whatever its weights' dtype."""
-    target = torch_dtype(dtype)
-    for name, child in model.named_children():
-        if name != "vision":
-            child.to(target)
-    return model
 
 
 # ------------------------------------------------------------------------------- sampling settings

@@ -19,12 +19,12 @@ from handsonvlm.generation import generate, next_token_probs, sample_next_token
 from handsonvlm.inference import (
     answer_jobs,
     build_prompt,
-    cast_for_inference,
     enable_tf32,
     is_resolved,
     model_name_from_path,
     release_conversation_template,
     resolve_sampling,
+    torch_dtype,
 )
 from handsonvlm.model import HandsOnVLM
 
@@ -226,9 +226,9 @@ def test_answer_jobs_needs_resolved_settings_and_runs_in_bf16_on_cpu(tmp_path):
     assert len(result["answers"]) == 2 and result["trajectories"].shape == (2, 2, 4, 2)
 
 
-def test_cast_for_inference_rejects_auto(model):
+def test_torch_dtype_rejects_auto():
     with pytest.raises(ValueError, match="resolve 'auto' first"):
-        cast_for_inference(model, "auto")
+        torch_dtype("auto")
 
 
 def test_enable_tf32_is_a_no_op_without_cuda(monkeypatch):
