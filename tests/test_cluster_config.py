@@ -140,6 +140,14 @@ def test_aws_node_types_fit_the_training_recipe():
     for node in types.values():
         if "IamInstanceProfile" in node["node_config"]:
             assert node["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::")
+    # checkpoint staging (docs/CLUSTER.md): every GPU container gets the host's NVMe folder at the KubeRay
+    # pods' path, and the host makes that folder before its container starts
+    staging = "/mnt/ckpt-staging"
+    for name, node in gpu_types.items():
+        volumes = [o.split()[1] for o in node["docker"]["worker_run_options"] if o.startswith("--volume ")]
+        host = next((v.split(":")[0] for v in volumes if v.endswith(":" + staging)), None)
+        assert host is not None, (name, volumes)
+        assert any(host in command and "mkdir -p" in command for command in config["initialization_commands"]), host
 
 
 def test_gpu_node_types_attach_efa_in_one_subnet_group_and_placement_group():
