@@ -252,6 +252,12 @@ class TrainConfig(ConfigSection):
     # Local folder (NVMe) where every rank writes its checkpoint shards before the asynchronous upload,
     # and where a resume copies its own shards to; None: the system temp dir (docs/RELIABILITY.md)
     checkpoint_staging_dir: str | None = None
+    # Start a NEW run from these weights instead of the model's initial ones (the optimizer, schedule and
+    # data position start fresh): an export folder (model.safetensors), DeepSpeed's zero_to_fp32 output
+    # (a folder with model.safetensors / pytorch_model.bin, sharded or not) or one such file. Every
+    # trainable parameter must be in it, with its shape (handsonvlm.training.load_initial_weights).
+    init_weights: str | None = field(default=None, metadata={
+        "help": "export or zero_to_fp32 weights a new run starts from (local or shared path)"})
     # auto: GPUs when the Ray cluster has one per worker right now, else CPU; cuda: always request GPUs
     # (an autoscaler may add them; a local Ray without them fails at once); cpu: never use GPUs.
     device: str = field(default="auto", metadata={"choices": DEVICES, "help": "auto, cuda or cpu"})

@@ -431,6 +431,14 @@ def main(argv=None) -> int:
         except DeviceError as exc:
             print(f"[train] error: {exc}", file=sys.stderr, flush=True)
             return 2
+        if train["init_weights"]:  # the workers of a local Ray read the same disk: a wrong path fails here
+            from handsonvlm.training import weight_files
+
+            try:
+                weight_files(train["init_weights"])
+            except (FileNotFoundError, KeyError, ValueError) as exc:
+                print(f"[train] error: {exc}", file=sys.stderr, flush=True)
+                return 2
     init_ray(args.ray_address, args.num_cpus, DEFAULT_OBJECT_STORE_BYTES)
     try:
         out = launch(config, run_name, args.storage, args.max_failures, use_mlflow=not args.no_mlflow)

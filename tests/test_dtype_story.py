@@ -152,3 +152,32 @@ def test_tower_outside_the_engine_and_bit_identical_features(tmp_path, one_rank,
         torch.testing.assert_close(evaluated.visual_tokens(clips),
                                    model.visual_tokens(frame_means=cached_means, frame_grids=cached_grids),
                                    rtol=0, atol=0)
+
+
+def test_init_weights_under_zero3_fill_the_partitions_with_the_exported_values(tmp_path, one_rank):
+    """``train.init_weights`` with ZeRO-3's partitioned construction (``Zero3Init``): each parameter is
+    gathered on its own while it is written, and the partitions then hold the export's values."""
+    import deepspeed
+
+    from handsonvlm.training import Zero3Init, build_training
+    from pipelines.train_worker import deepspeed_config
+
+    preset = load_preset("tiny")
+    train, cfg = TrainConfig.from_dict(preset["train"]), ModelConfig.from_dict(preset["model"])
+    with torch.random.fork_rng(devices=[]):
+        source = build_training(train, cfg, 5).model
+        with torch.no_grad():
+            for param in source.parameters():
+                param.add_(torch.randn_like(param) * 0.1)
+    source.save_pretrained(tmp_path / "export")
+    expected = {k: p.detach().clone() for k, p in source.named_parameters()}
+
+    ds_config = deepspeed_config(3, MICRO_BATCH, 1, 1, False, train.max_grad_norm)  # fp32: exact values
+    resumed = TrainConfig.from_dict({**preset["train"], "seed": 1, "init_weights": str(tmp_path / "export")})
+    with torch.random.fork_rng(devices=[]):
+        model = build_training(resumed, cfg, 5, init=Zero3Init(ds_config)).model
+    params = dict(model.named_parameters())
+    assert all(hasattr(p, "ds_id") for p in params.values())  # partitioned as they were created
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        for key, value in expected.items():
+            assert torch.equal(params[key].data, value), key
