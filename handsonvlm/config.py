@@ -240,6 +240,10 @@ class TrainConfig(ConfigSection):
     # Host memory per rank for sample rows read from the shards (row groups, least recently used
     # out); the draws are random, so a split that fits is read from disk once per run.
     row_cache_mb: int = 1024
+    # Host memory per rank for feature-cache shards (stored dtype, least recently used out). A cache that
+    # does not hold the split rereads shards all the time: the random-layout demo's EfficientNet cache
+    # (~2.5 MB per clip, ~1.1 GB) thrashed the former fixed 256 MB (docs/MODEL.md, "How the draws reach the GPUs").
+    feature_cache_mb: int = 1024
     rephrase_rate: float = 0.5
     feature_cache: str = "auto"  # auto: use OUT/features/<vision key> when present
     # auto: runs/models under a Ray this command started with local storage (the demo), else beside the
@@ -301,8 +305,9 @@ class TrainConfig(ConfigSection):
             raise ValueError("train.num_workers, micro_batch_size, gradient_accumulation_steps and epochs must be >= 1")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
             raise ValueError(f"train.samples_per_epoch must be >= 1 (or null), got {self.samples_per_epoch}")
-        if self.row_cache_mb < 0:
-            raise ValueError(f"train.row_cache_mb must be >= 0, got {self.row_cache_mb}")
+        for key in ("row_cache_mb", "feature_cache_mb"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if isinstance(self.pg_timeout_s, bool) or not isinstance(self.pg_timeout_s, int) or self.pg_timeout_s < 1:
             raise ValueError(f"train.pg_timeout_s must be an integer >= 1 (seconds), got {self.pg_timeout_s!r}")
         self._check_zero_plus_plus()

@@ -204,7 +204,8 @@ class TrainRecipe:
         self.engine, _, _, _ = deepspeed.initialize(model=self.parts.model, optimizer=self.parts.optimizer,
                                                     lr_scheduler=self.parts.scheduler, config=ds_config)
         self.generator = torch.Generator(device=self.device).manual_seed(train.seed * RANK_SEED_STRIDE + self.rank)
-        self.features = FeatureLookup(**self.plan["features"]) if self.plan.get("features") else None
+        self.features = (FeatureLookup(**self.plan["features"], cache_bytes=train.feature_cache_mb * MB)
+                         if self.plan.get("features") else None)
         self.store = RowStore(self.plan, train.row_cache_mb * MB)
         self.fixed_batch = self.to_device(self.batch(fixed_rows(self.plan, self.parts.mixture, self.store), 0))
         if self.rank == 0:

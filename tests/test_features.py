@@ -316,3 +316,42 @@ def test_feature_lookup_converts_only_the_rows_asked_for(tmp_path):
     few, many = peak_bytes([5, 40]), peak_bytes(list(range(0, rows, 2)))
     assert few < 0.1 * rows * row_fp32  # converting the shard alone would take rows * row_fp32
     assert many > (rows // 2) * row_fp32 and many > 8 * few  # the measure sees the conversion; it scales with rows
+
+
+def test_feature_lookup_keeps_the_shards_its_cache_holds_and_rereads_the_others(tmp_path, monkeypatch):
+    """train.feature_cache_mb sizes FeatureLookup's shard cache: with room for every shard each is read
+    once however often its rows are asked for; with room for one, alternating between two shards rereads
+    them on every call (what a too small cache costs every batch)."""
+    import preprocessing.features as features_module
+    from preprocessing.features import _ShardWriter, feature_schema
+    from preprocessing.training_data import MB, PATH_COLUMN, FeatureLookup
+
+    key, split, frames, channels, grid, rows = "k", "train", 10, 32, 16, 8
+    rng = np.random.default_rng(0)
+    shards = ["P01_01-0", "P01_02-0"]
+    for shard in shards:
+        writer = _ShardWriter(feature_schema(frames, channels, grid, "float32", key))
+        writer.add([f"{shard}/{i}" for i in range(rows)], list(range(rows)),
+                   rng.standard_normal((rows, frames, channels)).astype(np.float32),
+                   rng.standard_normal((rows, frames, grid, channels)).astype(np.float32))
+        writer.commit(feature_paths(str(tmp_path), key, split, shard)["features"])
+    reads = []
+    real_read = features_module.read_feature_table
+    monkeypatch.setattr(features_module, "read_feature_table", lambda *a, **k: reads.append(a[3]) or real_read(*a, **k))
+    shard_bytes = rows * (frames * channels + frames * grid * channels) * 4
+
+    def ask(lookup, shard):
+        lookup([{"sample_id": f"{shard}/{i}", PATH_COLUMN: f"/d/samples/{split}/{shard}.parquet"} for i in (1, 5)])
+
+    roomy = FeatureLookup(str(tmp_path), key, split, cache_bytes=1 * MB)
+    assert 2 * shard_bytes < MB
+    for _ in range(3):
+        for shard in shards:
+            ask(roomy, shard)
+    assert reads == shards  # each shard read once
+    reads.clear()
+    tight = FeatureLookup(str(tmp_path), key, split, cache_bytes=int(1.5 * shard_bytes))
+    for _ in range(3):
+        for shard in shards:
+            ask(tight, shard)
+    assert reads == shards * 3  # one shard fits: every call rereads
