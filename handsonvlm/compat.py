@@ -2,10 +2,11 @@
 
 Maps the released key names (read from ``Kami-code/HandsOnVLM-release`` at commit 89b7721) onto
 ours, drops what the release saved but never trained, checks the release's added-token ids, and
-reads released safetensors/bin shards safely. ``python -m handsonvlm.compat templates --release-repo
-PATH --out FILE`` reads the release's question/answer templates from a clone into a
-``data.templates`` file (:mod:`handsonvlm.templates`). Provenance, the full mapping table and the
-vocabulary rules: docs/MODEL.md, "The released checkpoint's key mapping".
+reads safetensors/bin state-dict files, whole or sharded, safely and one tensor at a time (also for
+``train.init_weights``). ``python -m handsonvlm.compat templates --release-repo PATH --out FILE``
+reads the release's question/answer templates from a clone into a ``data.templates`` file
+(:mod:`handsonvlm.templates`). Provenance, the full mapping table and the vocabulary rules:
+docs/MODEL.md, "The released checkpoint's key mapping".
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
@@ -225,65 +226,94 @@ BIN_GLOB = "pytorch_model*.bin"
 ADDED_TOKENS_FILE = "added_tokens.json"
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+class StoredTensor(NamedTuple):
+    """One tensor of a state-dict file, not read yet: its key, its shape (from the file's header or
+    memory map) and ``read()``, which returns it as a CPU tensor. ``read`` is valid until the iterator
+    that yielded it moves past its file."""
 
-    return load_file(str(path), device="cpu")
+    key: str
+    shape: tuple[int, ...]
+    read: Callable[[], torch.Tensor]
 
 
-def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    # weights_only=True: tensors and plain containers only, never arbitrary pickled objects.
-    state = torch.load(path, map_location="cpu", weights_only=True)
+def state_dict_files(path: str | Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The state-dict files at ``path`` and the index's key -> file map (None without an index).
+
+    ``path`` is one ``.safetensors`` / ``.bin`` file, or a LOCAL folder holding, in this order of
+    preference: ``model.safetensors.index.json`` + shards, ``model.safetensors``,
+    ``pytorch_model.bin.index.json`` + shards, ``pytorch_model*.bin``. An index may only name files
+    inside its folder. Raises FileNotFoundError saying what it looked for."""
+    path = Path(path)
+    if path.is_file():
+        return [path], None
+    if not path.is_dir():
+        raise FileNotFoundError(f"no weights there: {path} is neither a weights file nor a local folder")
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        if (path / index_name).is_file():
+            weight_map: dict[str, str] = json.loads((path / index_name).read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+            outside = [shard for shard in shards if Path(shard).name != shard]
+            if outside:
+                raise ValueError(f"{path / index_name} names a shard outside the directory: {outside[0]!r}")
+            return [path / shard for shard in shards], weight_map
+        if index_name == SAFETENSORS_INDEX and (path / SAFETENSORS_SINGLE).is_file():
+            return [path / SAFETENSORS_SINGLE], None
+    bins = sorted(path.glob(BIN_GLOB))
+    if bins:
+        return bins, None
+    raise FileNotFoundError(f"no weights there: no {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, {BIN_INDEX} or "
+                            f"{BIN_GLOB} in {path}")
+
+
+def _file_tensors(file: Path) -> Iterator[list[StoredTensor]]:
+    """Yields once: the tensors of one file, unread, while the file is open."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            # file order (offset_keys): a whole read is sequential; the header alone gives the shapes
+            yield [StoredTensor(key, tuple(f.get_slice(key).get_shape()), lambda key=key: f.get_tensor(key))
+                   for key in f.offset_keys()]
+        return
+    # weights_only: tensors and plain containers only, never arbitrary pickled objects; mmap: a
+    # tensor's pages are read when it is used, so shapes cost nothing
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict")
-    return state
+        raise ValueError(f"{file} does not hold a state dict")
+    yield [StoredTensor(key, tuple(tensor.shape), lambda tensor=tensor: tensor) for key, tensor in state.items()]
 
 
-def _merge(target: dict[str, torch.Tensor], part: Mapping[str, torch.Tensor], source: Path) -> None:
-    clash = target.keys() & part.keys()
-    if clash:
-        raise ValueError(f"{source} repeats {len(clash)} key(s) already loaded, e.g. {sorted(clash)[0]!r}")
-    target.update(part)
+def stored_tensors(path: str | Path) -> Iterator[StoredTensor]:
+    """Every tensor at ``path`` (see :func:`state_dict_files`), one file open at a time, none read.
 
-
-def _load_indexed(directory: Path, index_name: str, loader) -> dict[str, torch.Tensor]:
-    index = json.loads((directory / index_name).read_text())
-    weight_map: dict[str, str] = index["weight_map"]
-    state: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        if Path(shard).name != shard:
-            raise ValueError(f"{index_name} names a shard outside the directory: {shard!r}")
-        _merge(state, loader(directory / shard), directory / shard)
-    missing = weight_map.keys() - state.keys()
-    extra = state.keys() - weight_map.keys()
-    if missing or extra:
-        raise ValueError(f"{index_name} and its shards disagree: {len(missing)} listed key(s) missing "
-                         f"{sorted(missing)[:3]}, {len(extra)} unlisted key(s) {sorted(extra)[:3]}")
-    return state
+    Checked before a file's tensors are yielded: no key repeats an earlier one, and a sharded
+    checkpoint's file holds exactly the keys its index assigns to it (ValueError otherwise)."""
+    files, weight_map = state_dict_files(path)
+    seen: set[str] = set()
+    for file in files:
+        for tensors in _file_tensors(file):
+            keys = [t.key for t in tensors]
+            clash = seen.intersection(keys)
+            if clash:
+                raise ValueError(f"{file} repeats {len(clash)} key(s) already loaded, e.g. {sorted(clash)[0]!r}")
+            seen.update(keys)
+            if weight_map is not None:
+                listed = {k for k, shard in weight_map.items() if shard == file.name}
+                missing, extra = listed - set(keys), set(keys) - listed
+                if missing or extra:
+                    raise ValueError(f"the index and its shards disagree: {file.name} lacks {len(missing)} listed "
+                                     f"key(s) {sorted(missing)[:3]} and holds {len(extra)} unlisted key(s) "
+                                     f"{sorted(extra)[:3]}")
+            yield from tensors
 
 
 def load_release_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Read the released shards from a LOCAL directory, keys unchanged, tensors on CPU.
-
-    Order of preference: ``model.safetensors.index.json`` + shards, ``model.safetensors``,
-    ``pytorch_model.bin.index.json`` + shards, ``pytorch_model*.bin`` (``torch.load(weights_only=True)``).
-    """
+    """Read the released shards from a LOCAL directory (see :func:`state_dict_files`), keys unchanged,
+    tensors on CPU."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"not a local checkpoint directory: {directory}")
-    if (directory / SAFETENSORS_INDEX).is_file():
-        return _load_indexed(directory, SAFETENSORS_INDEX, _load_safetensors)
-    if (directory / SAFETENSORS_SINGLE).is_file():
-        return _load_safetensors(directory / SAFETENSORS_SINGLE)
-    if (directory / BIN_INDEX).is_file():
-        return _load_indexed(directory, BIN_INDEX, _load_bin)
-    bins = sorted(directory.glob(BIN_GLOB))
-    if bins:
-        state: dict[str, torch.Tensor] = {}
-        for path in bins:
-            _merge(state, _load_bin(path), path)
-        return state
-    raise FileNotFoundError(f"no {SAFETENSORS_INDEX}, {SAFETENSORS_SINGLE}, {BIN_INDEX} or {BIN_GLOB} in {directory}")
+    return {t.key: t.read() for t in stored_tensors(directory)}
 
 
 def load_release_checkpoint(directory: str | Path, include_vision: bool = False,

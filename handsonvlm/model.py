@@ -64,7 +64,8 @@ class ModelInit:
     * ``partition(module)``: partitions ``module``'s parameters that were created outside ``construct()``
       (the rows added by ``resize_token_embeddings``);
     * ``modify(params)``: around an in-place edit of parameters made under ``construct()`` (the
-      projector's initial weights from a file): gathered whole inside, rank 0's values kept on exit.
+      projector's initial weights from a file): gathered whole inside, rank 0's values kept on exit
+      (``keeps_writes()`` says whether this process's are).
 
     The frozen vision tower is built outside all of them (whole, in its dtype; docs/CLUSTER.md,
     "5. Scaling")."""
@@ -80,6 +81,11 @@ class ModelInit:
 
     def modify(self, params: Iterable[nn.Parameter]) -> AbstractContextManager:
         return nullcontext()
+
+    def keeps_writes(self) -> bool:
+        """Whether values this process writes inside ``modify`` are kept (ZeRO-3: rank 0's only), so
+        that a loader can skip reading what would be thrown away."""
+        return True
 
 
 PLAIN_INIT = ModelInit()

@@ -10,7 +10,6 @@ imports without it.
 from __future__ import annotations
 
 import importlib
-import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from handsonvlm.compat import stored_tensors
 from handsonvlm.config import ModelConfig, TrainConfig
 from handsonvlm.data import collate, max_text_tokens
 from handsonvlm.mixture import Mixture, make_example
@@ -84,68 +84,33 @@ def build_training(train_cfg: TrainConfig, model_cfg: ModelConfig, total_steps: 
     return TrainingParts(model, trainable, optimizer, scheduler, mixture)
 
 
-# the weight files a folder of `train.init_weights` may hold, in the order they are looked for: an export
-# (handsonvlm.model.WEIGHTS_FILE) or zero_to_fp32's output, whole or sharded (with its index)
-INIT_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                     "pytorch_model.bin.index.json")
-
-
-def weight_files(path: str | Path) -> list[Path]:
-    """The state-dict files of ``train.init_weights``: the file itself, or the first of
-    :data:`INIT_WEIGHT_FILES` in the folder (an index lists its shards). Raises FileNotFoundError
-    saying what it looked for."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    for name in INIT_WEIGHT_FILES:
-        candidate = path / name
-        if candidate.is_file():
-            if name.endswith(".index.json"):
-                shards = sorted(set(json.loads(candidate.read_text())["weight_map"].values()))
-                return [path / shard for shard in shards]
-            return [candidate]
-    raise FileNotFoundError(f"train.init_weights={str(path)!r}: no weights there (a file, or a folder with one of "
-                            f"{', '.join(INIT_WEIGHT_FILES)})")
-
-
-def read_weights(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, CPU tensor) of every tensor of safetensors or torch state-dict files, one tensor at a time
-    for safetensors (a .bin is memory-mapped: tensors only, no code, ``weights_only``)."""
-    from safetensors import safe_open
-
-    for file in files:
-        if file.suffix == ".safetensors":
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for key in f.offset_keys():  # file order: sequential reads
-                    yield key, f.get_tensor(key)
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            yield from state.items()
-
-
 def load_initial_weights(model: HandsOnVLM, path: str | Path, init: ModelInit = PLAIN_INIT) -> int:
     """Replace the initial values of ``model``'s parameters with the weights at ``path``
-    (``train.init_weights``: see :func:`weight_files`); returns how many tensors were loaded.
+    (``train.init_weights``: an export folder, DeepSpeed's zero_to_fp32 output, whole or sharded, or one
+    safetensors/.bin file; see :func:`handsonvlm.compat.state_dict_files`); returns how many tensors
+    were loaded.
 
     Keys are the model's own state-dict names (an export's, or zero_to_fp32's of a HandsOnVLM
     checkpoint). The frozen tower's ``vision.*`` keys, when present, replace the tower's weights (an
     export carries them; zero_to_fp32 output does not, and the tower then stays the configured one).
     Every trainable parameter must be there with its shape, and nothing else may be: a mismatch raises
     ``ValueError`` naming the keys. Under ZeRO-3 (``init``: :class:`Zero3Init`) each parameter is
-    gathered on its own while it is written (``init.modify``), so no rank holds the whole model."""
+    gathered on its own while it is written (``init.modify``), so no rank holds the whole model, and
+    only rank 0, whose values are kept, reads the LM's tensors (the others check the shapes from the
+    files' headers); every rank reads the tower's, which it holds whole."""
     params = dict(model.named_parameters())  # a tied LM head appears once, as the input embeddings
     tied = model.lm.config.tie_word_embeddings
     tower_state = model.vision.state_dict()
     loaded, unexpected, wrong_shape = set(), [], []
-    for key, tensor in read_weights(weight_files(path)):
+    for key, file_shape, read in stored_tensors(path):
         if key.startswith(VISION_PREFIX):
             target = tower_state.get(key[len(VISION_PREFIX):])
             if target is None:
                 unexpected.append(key)
-            elif target.shape != tensor.shape:
-                wrong_shape.append(f"{key} {tuple(tensor.shape)} != {tuple(target.shape)}")
+            elif tuple(target.shape) != file_shape:
+                wrong_shape.append(f"{key} {file_shape} != {tuple(target.shape)}")
             else:
-                target.copy_(tensor)
+                target.copy_(read())
             continue
         if key == TIED_LM_HEAD_KEY and tied:
             continue  # the same tensor as the input embeddings (zero_to_fp32 writes shared weights twice)
@@ -154,11 +119,12 @@ def load_initial_weights(model: HandsOnVLM, path: str | Path, init: ModelInit = 
             unexpected.append(key)
             continue
         shape = tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3: the whole shape of a partitioned param
-        if tuple(tensor.shape) != shape:
-            wrong_shape.append(f"{key} {tuple(tensor.shape)} != {shape}")
+        if file_shape != shape:
+            wrong_shape.append(f"{key} {file_shape} != {shape}")
             continue
         with torch.no_grad(), init.modify([param]):
-            param.data.copy_(tensor.to(param.dtype))
+            if init.keeps_writes():
+                param.data.copy_(read().to(param.dtype))
         loaded.add(key)
     missing = sorted(k for k, p in params.items() if p.requires_grad and k not in loaded)
     if missing or unexpected or wrong_shape:
@@ -246,6 +212,9 @@ class Zero3Init(ModelInit):
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
+
+    def keeps_writes(self) -> bool:
+        return torch.distributed.get_rank() == 0
 
 
 def _gathered_init_weights(model) -> None:

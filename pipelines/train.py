@@ -432,12 +432,13 @@ def main(argv=None) -> int:
             print(f"[train] error: {exc}", file=sys.stderr, flush=True)
             return 2
         if train["init_weights"]:  # the workers of a local Ray read the same disk: a wrong path fails here
-            from handsonvlm.training import weight_files
+            from handsonvlm.compat import state_dict_files
 
             try:
-                weight_files(train["init_weights"])
+                state_dict_files(train["init_weights"])
             except (FileNotFoundError, KeyError, ValueError) as exc:
-                print(f"[train] error: {exc}", file=sys.stderr, flush=True)
+                print(f"[train] error: train.init_weights={train['init_weights']!r}: {exc}", file=sys.stderr,
+                      flush=True)
                 return 2
     init_ray(args.ray_address, args.num_cpus, DEFAULT_OBJECT_STORE_BYTES)
     try:

@@ -20,6 +20,8 @@ from handsonvlm.compat import (
     release_decoder_shapes,
     release_to_ours,
     release_unused_shapes,
+    state_dict_files,
+    stored_tensors,
 )
 from handsonvlm.traj_decoder import CVAETrajectoryDecoder, MLPTrajectoryDecoder
 
@@ -269,6 +271,37 @@ def test_index_disagreeing_with_shards_raises(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="disagree"):
         load_release_state_dict(tmp_path)
+
+
+def test_shards_outside_the_folder_and_repeated_keys_are_refused(tmp_path):
+    sd, _ = fake_release_state_dict()
+    _write_sharded_safetensors(tmp_path, sd)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    key = next(iter(index["weight_map"]))
+    index["weight_map"][key] = "../elsewhere.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="outside the directory"):
+        load_release_state_dict(tmp_path)
+
+    bins = tmp_path / "bins"
+    bins.mkdir()
+    torch.save({"a": torch.zeros(1), "b": torch.ones(2)}, bins / "pytorch_model-1.bin")
+    torch.save({"b": torch.ones(2)}, bins / "pytorch_model-2.bin")
+    with pytest.raises(ValueError, match="repeats 1 key"):
+        load_release_state_dict(bins)
+
+
+def test_stored_tensors_give_shapes_before_reading(tmp_path):
+    sd = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.full((4,), 7.0)}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    torch.save(sd, tmp_path / "weights.bin")
+    for path in (tmp_path, tmp_path / "model.safetensors", tmp_path / "weights.bin"):
+        for t in stored_tensors(path):  # read while the iterator is at its file
+            assert t.shape == tuple(sd[t.key].shape)
+            assert torch.equal(t.read(), sd[t.key])
+    assert state_dict_files(tmp_path) == ([tmp_path / "model.safetensors"], None)
+    with pytest.raises(FileNotFoundError, match="no weights there"):
+        state_dict_files(tmp_path / "weights.pt")
 
 
 def test_missing_checkpoint_raises(tmp_path):

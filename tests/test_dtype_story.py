@@ -156,8 +156,12 @@ def test_tower_outside_the_engine_and_bit_identical_features(tmp_path, one_rank,
 
 def test_init_weights_under_zero3_fill_the_partitions_with_the_exported_values(tmp_path, one_rank):
     """``train.init_weights`` with ZeRO-3's partitioned construction (``Zero3Init``): each parameter is
-    gathered on its own while it is written, and the partitions then hold the export's values."""
+    gathered on its own while it is written, and the partitions then hold the export's values. Then
+    the other way round, as a user changing the world size does (docs/RELIABILITY.md): the engine's
+    ZeRO-3 checkpoint, consolidated by DeepSpeed's own ``zero_to_fp32`` into safetensors and into a
+    torch .bin, starts a plain run holding the same values."""
     import deepspeed
+    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
 
     from handsonvlm.training import Zero3Init, build_training
     from pipelines.train_worker import deepspeed_config
@@ -175,9 +179,24 @@ def test_init_weights_under_zero3_fill_the_partitions_with_the_exported_values(t
     ds_config = deepspeed_config(3, MICRO_BATCH, 1, 1, False, train.max_grad_norm)  # fp32: exact values
     resumed = TrainConfig.from_dict({**preset["train"], "seed": 1, "init_weights": str(tmp_path / "export")})
     with torch.random.fork_rng(devices=[]):
-        model = build_training(resumed, cfg, 5, init=Zero3Init(ds_config)).model
+        parts = build_training(resumed, cfg, 5, init=Zero3Init(ds_config))
+    model = parts.model
     params = dict(model.named_parameters())
     assert all(hasattr(p, "ds_id") for p in params.values())  # partitioned as they were created
     with deepspeed.zero.GatheredParameters(list(params.values())):
         for key, value in expected.items():
             assert torch.equal(params[key].data, value), key
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=parts.optimizer, lr_scheduler=parts.scheduler,
+                                      config=ds_config)
+    engine.save_checkpoint(str(tmp_path / "checkpoint"), tag="step")
+    for safe in (True, False):
+        consolidated = tmp_path / f"fp32-{safe}"
+        convert_zero_checkpoint_to_fp32_state_dict(str(tmp_path / "checkpoint"), str(consolidated), tag="step",
+                                                   safe_serialization=safe)
+        assert [p.name for p in consolidated.iterdir()] == ["model.safetensors" if safe else "pytorch_model.bin"]
+        fresh = TrainConfig.from_dict({**preset["train"], "seed": 2, "init_weights": str(consolidated)})
+        with torch.random.fork_rng(devices=[]):
+            plain = dict(build_training(fresh, cfg, 5).model.named_parameters())
+        for key, value in expected.items():
+            assert torch.equal(plain[key].data, value), (safe, key)

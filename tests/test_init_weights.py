@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from handsonvlm.compat import state_dict_files
 from handsonvlm.config import ModelConfig, TrainConfig, load_preset
-from handsonvlm.model import VISION_PREFIX, WEIGHTS_FILE
-from handsonvlm.training import build_training, load_initial_weights, weight_files
+from handsonvlm.model import VISION_PREFIX, WEIGHTS_FILE, ModelInit
+from handsonvlm.training import build_training, load_initial_weights
 
 STEPS = 2
 
@@ -99,7 +100,7 @@ def test_sharded_weights_are_read_through_their_index(trained, tmp_path):
         save_file({k: weights[k] for k in names}, str(tmp_path / name))
     (tmp_path / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {k: name for name, names in shards.items() for k in names}}))
-    assert [p.name for p in weight_files(tmp_path)] == sorted(shards)
+    assert [p.name for p in state_dict_files(tmp_path)[0]] == sorted(shards)
     train, cfg = configs(seed=1, init_weights=str(tmp_path))
     with torch.random.fork_rng(devices=[]):
         loaded = trainable_state(build_training(train, cfg, STEPS).model)
@@ -129,7 +130,31 @@ def test_weights_that_do_not_fit_are_refused_with_their_keys(trained, tmp_path):
         load_initial_weights(model, tmp_path / "extra.bin")
 
     with pytest.raises(FileNotFoundError, match="no weights there"):
-        weight_files(tmp_path / "nowhere")
+        state_dict_files(tmp_path / "nowhere")
+
+
+class _OtherRank(ModelInit):
+    """A ZeRO-3 rank other than 0: what it writes inside ``modify`` is discarded."""
+
+    def keeps_writes(self) -> bool:
+        return False
+
+
+def test_a_rank_whose_writes_are_discarded_reads_no_lm_tensor_but_checks_shapes(trained, tmp_path):
+    _, _, consolidated = trained
+    state = torch.load(consolidated, weights_only=True)
+    train, cfg = configs(seed=1)
+    with torch.random.fork_rng(devices=[]):
+        model = build_training(train, cfg, STEPS).model
+    before = trainable_state(model)
+    assert load_initial_weights(model, consolidated, init=_OtherRank()) == len(before)
+    after = trainable_state(model)
+    assert all(torch.equal(after[k], before[k]) for k in before)  # nothing read, nothing written
+    assert any(not torch.equal(state[k], before[k]) for k in before)  # a read would have changed them
+
+    torch.save({**state, "projector.bias": torch.zeros(3)}, tmp_path / "shape.bin")
+    with pytest.raises(ValueError, match=r"wrong shape \['projector.bias \(3,\)"):
+        load_initial_weights(model, tmp_path / "shape.bin", init=_OtherRank())
 
 
 def test_train_py_stops_before_ray_when_the_weights_are_not_there(tmp_path, capsys):
