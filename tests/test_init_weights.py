@@ -107,12 +107,17 @@ def test_sharded_weights_are_read_through_their_index(trained, tmp_path):
     assert all(torch.equal(loaded[k], state[k]) for k in state)
 
 
-def test_weights_that_do_not_fit_are_refused_with_their_keys(trained, tmp_path):
+def consolidated_and_fresh_model(trained) -> tuple:
+    """(the zero_to_fp32-style file, its state, a model built with another seed)."""
     _, _, consolidated = trained
-    state = torch.load(consolidated, weights_only=True)
     train, cfg = configs(seed=1)
     with torch.random.fork_rng(devices=[]):
         model = build_training(train, cfg, STEPS).model
+    return consolidated, torch.load(consolidated, weights_only=True), model
+
+
+def test_weights_that_do_not_fit_are_refused_with_their_keys(trained, tmp_path):
+    _, state, model = consolidated_and_fresh_model(trained)
 
     dropped = dict(state)
     dropped.pop("projector.weight")
@@ -141,11 +146,7 @@ class _OtherRank(ModelInit):
 
 
 def test_a_rank_whose_writes_are_discarded_reads_no_lm_tensor_but_checks_shapes(trained, tmp_path):
-    _, _, consolidated = trained
-    state = torch.load(consolidated, weights_only=True)
-    train, cfg = configs(seed=1)
-    with torch.random.fork_rng(devices=[]):
-        model = build_training(train, cfg, STEPS).model
+    consolidated, state, model = consolidated_and_fresh_model(trained)
     before = trainable_state(model)
     assert load_initial_weights(model, consolidated, init=_OtherRank()) == len(before)
     after = trainable_state(model)
