@@ -16,6 +16,7 @@ import json
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -265,8 +266,9 @@ def state_dict_files(path: str | Path) -> tuple[list[Path], dict[str, str] | Non
                             f"{BIN_GLOB} in {path}")
 
 
-def _file_tensors(file: Path) -> Iterator[list[StoredTensor]]:
-    """Yields once: the tensors of one file, unread, while the file is open."""
+@contextmanager
+def _open_tensors(file: Path) -> Iterator[list[StoredTensor]]:
+    """The tensors of one file, unread, valid while the ``with`` block keeps the file open."""
     if file.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -289,17 +291,20 @@ def stored_tensors(path: str | Path) -> Iterator[StoredTensor]:
     Checked before a file's tensors are yielded: no key repeats an earlier one, and a sharded
     checkpoint's file holds exactly the keys its index assigns to it (ValueError otherwise)."""
     files, weight_map = state_dict_files(path)
+    listed_by_file: dict[str, set[str]] = {}
+    for key, shard in (weight_map or {}).items():
+        listed_by_file.setdefault(shard, set()).add(key)
     seen: set[str] = set()
     for file in files:
-        for tensors in _file_tensors(file):
-            keys = [t.key for t in tensors]
-            clash = seen.intersection(keys)
+        with _open_tensors(file) as tensors:
+            keys = {t.key for t in tensors}
+            clash = seen & keys
             if clash:
                 raise ValueError(f"{file} repeats {len(clash)} key(s) already loaded, e.g. {sorted(clash)[0]!r}")
-            seen.update(keys)
+            seen |= keys
             if weight_map is not None:
-                listed = {k for k, shard in weight_map.items() if shard == file.name}
-                missing, extra = listed - set(keys), set(keys) - listed
+                listed = listed_by_file[file.name]
+                missing, extra = listed - keys, keys - listed
                 if missing or extra:
                     raise ValueError(f"the index and its shards disagree: {file.name} lacks {len(missing)} listed "
                                      f"key(s) {sorted(missing)[:3]} and holds {len(extra)} unlisted key(s) "

@@ -291,7 +291,7 @@ def test_shards_outside_the_folder_and_repeated_keys_are_refused(tmp_path):
         load_release_state_dict(bins)
 
 
-def test_stored_tensors_give_shapes_before_reading(tmp_path):
+def test_stored_tensors_give_each_tensors_shape_and_value(tmp_path):
     sd = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.full((4,), 7.0)}
     save_file(sd, str(tmp_path / "model.safetensors"))
     torch.save(sd, tmp_path / "weights.bin")
