@@ -9,7 +9,7 @@ One sample, a [L, D] sequence for the preset's LLaMA (its ``model.lm.config``, r
     grid tokens [G*G]   one-hot class of the object in each cell of a 7 x 7 grid (or "empty"),
                         + a 2-D sin-cos code of the cell, through a 2-layer MLP projector
     question    [Q]     random filler words, the target's noun word at a random place,
-                        except that with ``--noun-offset N`` it is the N-th token before the query
+                        except that with ``--noun-offset N >= 0`` it is the last question word
     answer      [N]     answer words between the noun and the query (``--noun-offset N``; 3 if -1)
     query       [1]     the token whose final hidden state an MLP head maps to the target cell (x, y)
 
@@ -24,7 +24,7 @@ well above 1.
 
     python -m bench.binding_probe --objects 3 --noun-offset 0 --steps 3000
 
-prints one JSON line per evaluation and a summary line (docs/DATA.md, "Where it fails, measured").
+prints one JSON line per evaluation and a summary line (docs/DATA.md, "The binding in isolation").
 """
 
 from __future__ import annotations
